@@ -1,0 +1,94 @@
+/*-------------------------------------------------------------------------
+ *
+ * amqp_link.h
+ *		One consumer's connection to RabbitMQ, through librabbitmq-c.
+ *
+ * Everything here is non-blocking or bounded by a timeout, so that the
+ * consumer loop can wait on the socket and its latch together
+ * (WaitLatchOrSocket) and stay responsive to SIGTERM, reloads and
+ * ProcSignalBarriers.  No function here throws (ereport ERROR): failures are
+ * returned with a palloc'd message so the caller decides how to back off.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef SBW_AMQP_LINK_H
+#define SBW_AMQP_LINK_H
+
+typedef struct SbwAmqpLink SbwAmqpLink;
+
+/* What to connect to; strings are not copied, keep them alive meanwhile. */
+typedef struct SbwAmqpSettings
+{
+	const char *host;			/* one host name or address */
+	int			port;
+	const char *user;
+	const char *password;
+	const char *vhost;
+	const char *exchange;
+	const char *queue;
+	const char *queue_type;		/* "classic" or "quorum" */
+	int			heartbeat;		/* seconds, 0 = off */
+	int			prefetch;		/* basic.qos prefetch_count */
+	int			timeout_ms;		/* connect, handshake and RPC timeout */
+	bool		use_ssl;
+	const char *ssl_ca_file;	/* NULL or "" = none */
+	const char *ssl_cert_file;
+	const char *ssl_key_file;
+	bool		ssl_verify_peer;
+} SbwAmqpSettings;
+
+/* One basic.deliver, copied into palloc'd memory of the current context. */
+typedef struct SbwDelivery
+{
+	uint64		delivery_tag;
+	bool		redelivered;
+	char	   *routing_key;
+	char	   *message_id;		/* NULL when the publisher set none */
+	char	   *body;			/* NUL-terminated copy, may contain NULs */
+	size_t		body_len;
+} SbwDelivery;
+
+typedef enum SbwAmqpResult
+{
+	SBW_AMQP_DELIVERY,			/* *d is filled */
+	SBW_AMQP_NONE,				/* nothing buffered or readable right now */
+	SBW_AMQP_CLOSED				/* connection or channel lost; *errmsg set */
+} SbwAmqpResult;
+
+/*
+ * Connect, log in, open channel 1, declare the durable topic exchange, the
+ * durable queue (x-queue-type when quorum) and its five bindings (task,
+ * story, project, project_group, timeline_event), basic.qos and basic.consume
+ * with manual acks.  Returns NULL and *errmsg on failure (broker down, wrong
+ * password, access refused, TLS failure...); the message says which step
+ * failed and the broker's reply text if any.
+ */
+extern SbwAmqpLink *sbw_amqp_connect(const SbwAmqpSettings *s, char **errmsg);
+
+/* The socket to wait on with WaitLatchOrSocket. */
+extern int	sbw_amqp_socket(SbwAmqpLink *link);
+
+/* "host:port" of the connected broker. */
+extern const char *sbw_amqp_peer(SbwAmqpLink *link);
+
+/* The heartbeat interval actually negotiated, in seconds (0 = none). */
+extern int	sbw_amqp_heartbeat(SbwAmqpLink *link);
+
+/*
+ * Return the next delivery if one is already buffered or readable without
+ * waiting; services heartbeats (sends ours, detects the broker's silence).
+ * Call it repeatedly until SBW_AMQP_NONE before sleeping on the socket.
+ */
+extern SbwAmqpResult sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d,
+								   char **errmsg);
+
+/* basic.ack / basic.nack; false and *errmsg when the connection is gone. */
+extern bool sbw_amqp_ack(SbwAmqpLink *link, uint64 tag, bool multiple,
+						 char **errmsg);
+extern bool sbw_amqp_nack(SbwAmqpLink *link, uint64 tag, bool multiple,
+						  bool requeue, char **errmsg);
+
+/* Close politely (bounded by the timeout) and free everything. NULL-safe. */
+extern void sbw_amqp_close(SbwAmqpLink *link);
+
+#endif							/* SBW_AMQP_LINK_H */

@@ -1,0 +1,208 @@
+/*-------------------------------------------------------------------------
+ *
+ * guc.c
+ *		Every storyboard_worker.* setting, in one place.
+ *
+ * The names mirror StoryBoard's [notifications] options and its
+ * enable_notifications switch, so an operator can carry storyboard.conf
+ * values over one to one.  All settings the workers read in their loop are
+ * PGC_SIGHUP or PGC_SUSET: a pg_reload_conf() reaches the workers at their
+ * next wake-up.  The few that shape dispatch itself (role, retries, size
+ * limit) are PGC_SUSET so that a superuser running process_event() or
+ * replay() by hand can also set them for the session.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "utils/guc.h"
+
+#include "storyboard_worker.h"
+
+bool		sbw_enable_notifications = false;
+char	   *sbw_database = NULL;
+int			sbw_worker_count = 5;
+char	   *sbw_rabbit_host = NULL;
+int			sbw_rabbit_port = 5672;
+char	   *sbw_rabbit_userid = NULL;
+char	   *sbw_rabbit_password = NULL;
+char	   *sbw_rabbit_virtual_host = NULL;
+char	   *sbw_rabbit_exchange_name = NULL;
+char	   *sbw_rabbit_event_queue_name = NULL;
+int			sbw_rabbit_retry_delay = 10;
+int			sbw_rabbit_heartbeat = 30;
+int			sbw_rabbit_prefetch = 100;
+int			sbw_rabbit_queue_type = SBW_QUEUE_CLASSIC;
+bool		sbw_rabbit_use_ssl = false;
+char	   *sbw_rabbit_ssl_ca_file = NULL;
+char	   *sbw_rabbit_ssl_cert_file = NULL;
+char	   *sbw_rabbit_ssl_key_file = NULL;
+bool		sbw_rabbit_ssl_verify_peer = true;
+int			sbw_max_message_bytes = 8 * 1024 * 1024;
+int			sbw_max_retries = 5;
+int			sbw_batch_size = 1;
+int			sbw_ledger_retention = 7 * 24 * 3600;
+char	   *sbw_role = NULL;
+
+static const struct config_enum_entry queue_type_options[] = {
+	{"classic", SBW_QUEUE_CLASSIC, false},
+	{"quorum", SBW_QUEUE_QUORUM, false},
+	{NULL, 0, false}
+};
+
+/*
+ * Define the settings.  Called from _PG_init, in the postmaster when the
+ * library is preloaded and in any backend that loads it later (so SHOW works
+ * there too).
+ */
+void
+sbw_define_gucs(void)
+{
+	DefineCustomBoolVariable("storyboard_worker.enable_notifications",
+							 "Consume StoryBoard events from RabbitMQ.",
+							 "Mirrors StoryBoard's enable_notifications; when off the workers hold no broker connection.",
+							 &sbw_enable_notifications, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.database",
+							   "Database holding StoryBoard's tables, where the consumers run.",
+							   NULL,
+							   &sbw_database, "storyboard",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.worker_count",
+							"Number of consumer workers (StoryBoard's --worker-count).",
+							NULL,
+							&sbw_worker_count, 5, 0, SBW_MAX_WORKERS,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_host",
+							   "Host of the RabbitMQ server; a comma-separated list is tried in turn.",
+							   NULL,
+							   &sbw_rabbit_host, "localhost",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.rabbit_port",
+							"The RabbitMQ broker port.",
+							NULL,
+							&sbw_rabbit_port, 5672, 1, 65535,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_userid",
+							   "The RabbitMQ userid.",
+							   NULL,
+							   &sbw_rabbit_userid, "storyboard",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_password",
+							   "The RabbitMQ password.",
+							   NULL,
+							   &sbw_rabbit_password, "storyboard",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_virtual_host",
+							   "The virtual host within which our queues and exchanges live.",
+							   NULL,
+							   &sbw_rabbit_virtual_host, "/",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_exchange_name",
+							   "The topic exchange StoryBoard publishes its events to.",
+							   NULL,
+							   &sbw_rabbit_exchange_name, "storyboard",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_event_queue_name",
+							   "The queue declared and consumed for API events.",
+							   NULL,
+							   &sbw_rabbit_event_queue_name, "storyboard_events",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.rabbit_retry_delay",
+							"Seconds between connection attempts (the cap of the reconnect back-off).",
+							NULL,
+							&sbw_rabbit_retry_delay, 10, 1, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.rabbit_heartbeat",
+							"AMQP heartbeat interval; a silent broker is dropped after two intervals.",
+							"0 disables heartbeats.",
+							&sbw_rabbit_heartbeat, 30, 0, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.rabbit_prefetch",
+							"Unacknowledged deliveries the broker may send each consumer.",
+							NULL,
+							&sbw_rabbit_prefetch, 100, 1, 65535,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("storyboard_worker.rabbit_queue_type",
+							 "Type of the event queue declared: classic (StoryBoard's) or quorum.",
+							 NULL,
+							 &sbw_rabbit_queue_type, SBW_QUEUE_CLASSIC,
+							 queue_type_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("storyboard_worker.rabbit_use_ssl",
+							 "Connect to RabbitMQ over TLS.",
+							 NULL,
+							 &sbw_rabbit_use_ssl, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_ssl_ca_file",
+							   "Certificate authority file to verify the broker with.",
+							   NULL,
+							   &sbw_rabbit_ssl_ca_file, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_ssl_cert_file",
+							   "Client certificate file presented to the broker.",
+							   NULL,
+							   &sbw_rabbit_ssl_cert_file, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_ssl_key_file",
+							   "Private key of the client certificate.",
+							   NULL,
+							   &sbw_rabbit_ssl_key_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("storyboard_worker.rabbit_ssl_verify_peer",
+							 "Verify the broker's certificate and host name.",
+							 NULL,
+							 &sbw_rabbit_ssl_verify_peer, true,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.max_message_bytes",
+							"Largest message body decoded; larger ones are dead-lettered.",
+							NULL,
+							&sbw_max_message_bytes, 8 * 1024 * 1024, 1024, INT_MAX,
+							PGC_SUSET, GUC_UNIT_BYTE, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.max_retries",
+							"Retries of a plugin after a transient error before dead-lettering.",
+							NULL,
+							&sbw_max_retries, 5, 0, 100,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.batch_size",
+							"Events committed together in one transaction (each in its own subtransaction).",
+							NULL,
+							&sbw_batch_size, 1, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.ledger_retention",
+							"How long processed messages are remembered to recognise redeliveries.",
+							NULL,
+							&sbw_ledger_retention, 7 * 24 * 3600, 60, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.role",
+							   "Role the plugins run as.",
+							   "Empty means the owner of the database.",
+							   &sbw_role, "",
+							   PGC_SUSET, 0, NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("storyboard_worker");
+}

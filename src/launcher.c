@@ -1,0 +1,361 @@
+/*-------------------------------------------------------------------------
+ *
+ * launcher.c
+ *		Keeps storyboard_worker.worker_count consumers running.
+ *
+ * The launcher is the one static background worker; the consumers are
+ * dynamic workers it registers, with itself as bgw_notify_pid, so the
+ * postmaster wakes it whenever one starts or stops.  It is connected to no
+ * database (it only reads the shared catalog pg_database), so it never
+ * blocks DROP DATABASE and needs no extension installed.
+ *
+ * State machine, evaluated at every wake-up (latch, SIGHUP, worker exit,
+ * or a timeout):
+ *
+ *	 NO_DATABASE -- database named by storyboard_worker.database missing:
+ *		one LOG line per rabbit_retry_delay, no consumers.
+ *	 RUNNING -- for each worker number below worker_count: a consumer is
+ *		registered; one that stopped is started again after a back-off
+ *		that doubles per quick failure (1 s .. rabbit_retry_delay), so a
+ *		crashing consumer comes back without a crash loop.  Consumers
+ *		numbered at or above worker_count are asked to stop.
+ *
+ * A change of storyboard_worker.database stops every consumer and starts
+ * over.  Consumers themselves handle enable_notifications and missing
+ * extensions by staying idle.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/heapam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/pg_database.h"
+#include "commands/dbcommands.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "storyboard_worker.h"
+
+/* A consumer that lived this long is healthy: its back-off starts over. */
+#define SBW_HEALTHY_MS		30000
+#define SBW_MIN_BACKOFF_MS	1000
+
+typedef struct SbwConsumer
+{
+	BackgroundWorkerHandle *handle;
+	TimestampTz started_at;
+	TimestampTz next_start;		/* not before this */
+	int			failures;		/* quick exits in a row */
+} SbwConsumer;
+
+static SbwConsumer consumers[SBW_MAX_WORKERS];
+
+/*
+ * Register the launcher with the postmaster (from _PG_init).  It starts
+ * once recovery is finished: a standby runs no consumers until promoted.
+ */
+void
+sbw_register_launcher(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 5;
+	strlcpy(worker.bgw_library_name, "storyboard_worker", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, "sbw_launcher_main", BGW_MAXLEN);
+	strlcpy(worker.bgw_name, "storyboard_worker launcher", BGW_MAXLEN);
+	strlcpy(worker.bgw_type, "storyboard_worker launcher", BGW_MAXLEN);
+	RegisterBackgroundWorker(&worker);
+}
+
+/* Clear our pid from shared memory on exit. */
+static void
+sbw_launcher_exit(int code, Datum arg)
+{
+	if (sbw_shared && sbw_shared->launcher_pid == MyProcPid)
+		sbw_shared->launcher_pid = 0;
+}
+
+/*
+ * Look the database up in the shared catalog; InvalidOid if missing.  Not
+ * connected to any database, we cannot use the catalog's indexes (that
+ * needs pg_class): a heap scan of pg_database, as the autovacuum launcher
+ * does, is fine for a table this small.
+ */
+static Oid
+sbw_lookup_database(const char *name)
+{
+	Oid			dboid = InvalidOid;
+	Relation	rel;
+	TableScanDesc scan;
+	HeapTuple	tup;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	(void) GetTransactionSnapshot();
+	rel = table_open(DatabaseRelationId, AccessShareLock);
+	scan = table_beginscan_catalog(rel, 0, NULL);
+	while (HeapTupleIsValid(tup = heap_getnext(scan, ForwardScanDirection)))
+	{
+		Form_pg_database db = (Form_pg_database) GETSTRUCT(tup);
+
+		if (strcmp(NameStr(db->datname), name) == 0 && db->datallowconn)
+		{
+			dboid = db->oid;
+			break;
+		}
+	}
+	table_endscan(scan);
+	table_close(rel, AccessShareLock);
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	return dboid;
+}
+
+/* Register consumer number i in database dboid. */
+static bool
+sbw_start_consumer(int i, Oid dboid)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = BGW_NEVER_RESTART;	/* we restart it ourselves */
+	strlcpy(worker.bgw_library_name, "storyboard_worker", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, "sbw_consumer_main", BGW_MAXLEN);
+	snprintf(worker.bgw_name, BGW_MAXLEN, "storyboard_worker consumer %d", i);
+	strlcpy(worker.bgw_type, "storyboard_worker consumer", BGW_MAXLEN);
+	worker.bgw_main_arg = Int32GetDatum(i);
+	memcpy(worker.bgw_extra, &dboid, sizeof(Oid));
+	worker.bgw_notify_pid = MyProcPid;
+
+	if (!RegisterDynamicBackgroundWorker(&worker, &consumers[i].handle))
+	{
+		consumers[i].handle = NULL;
+		return false;
+	}
+	consumers[i].started_at = GetCurrentTimestamp();
+	return true;
+}
+
+/* Ask every consumer to stop (database changed). */
+static void
+sbw_stop_all_consumers(void)
+{
+	int			i;
+
+	for (i = 0; i < SBW_MAX_WORKERS; i++)
+	{
+		if (consumers[i].handle)
+		{
+			TerminateBackgroundWorker(consumers[i].handle);
+			pfree(consumers[i].handle);
+			consumers[i].handle = NULL;
+		}
+		consumers[i].failures = 0;
+		consumers[i].next_start = 0;
+	}
+}
+
+/*
+ * Bring the consumers in line with worker_count.  Returns the time of the
+ * next scheduled (re)start, or 0 if none is pending.
+ */
+static TimestampTz
+sbw_reconcile(Oid dboid, bool *registration_failed)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz next = 0;
+	int			i;
+
+	*registration_failed = false;
+	for (i = 0; i < SBW_MAX_WORKERS; i++)
+	{
+		SbwConsumer *c = &consumers[i];
+		pid_t		pid;
+
+		if (c->handle &&
+			GetBackgroundWorkerPid(c->handle, &pid) == BGWH_STOPPED)
+		{
+			/* it exited: schedule a restart with back-off */
+			bool		quick = !TimestampDifferenceExceeds(c->started_at, now,
+															SBW_HEALTHY_MS);
+			long		backoff;
+
+			pfree(c->handle);
+			c->handle = NULL;
+			c->failures = quick ? c->failures + 1 : 0;
+			backoff = (long) SBW_MIN_BACKOFF_MS << Min(c->failures, 12);
+			backoff = Min(backoff, (long) sbw_rabbit_retry_delay * 1000L);
+			c->next_start = TimestampTzPlusMilliseconds(now, backoff);
+			if (i < sbw_worker_count)
+				ereport(LOG,
+						(errmsg("storyboard_worker consumer %d exited; restarting it in %ld ms",
+								i, backoff)));
+		}
+
+		if (i >= sbw_worker_count)
+		{
+			if (c->handle)
+			{
+				TerminateBackgroundWorker(c->handle);
+				pfree(c->handle);
+				c->handle = NULL;
+			}
+			c->failures = 0;
+			c->next_start = 0;
+			continue;
+		}
+
+		if (c->handle == NULL)
+		{
+			if (c->next_start > now)
+			{
+				if (next == 0 || c->next_start < next)
+					next = c->next_start;
+				continue;
+			}
+			if (!sbw_start_consumer(i, dboid))
+			{
+				*registration_failed = true;
+				c->next_start = TimestampTzPlusMilliseconds(now, 5000);
+				if (next == 0 || c->next_start < next)
+					next = c->next_start;
+			}
+		}
+	}
+	return next;
+}
+
+/* Entry point of the launcher. */
+void
+sbw_launcher_main(Datum main_arg)
+{
+	char	   *current_db = NULL;
+	Oid			dboid = InvalidOid;
+	TimestampTz next_db_check = 0;
+	bool		warned_slots = false;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	pgstat_report_appname("storyboard_worker launcher");
+
+	sbw_shared->launcher_pid = MyProcPid;
+	before_shmem_exit(sbw_launcher_exit, (Datum) 0);
+	memset(consumers, 0, sizeof(consumers));
+
+	ereport(LOG, (errmsg("storyboard_worker launcher started")));
+
+	for (;;)
+	{
+		TimestampTz now;
+		TimestampTz next = 0;
+		long		timeout_ms = 10000;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		if (current_db == NULL || strcmp(current_db, sbw_database) != 0)
+		{
+			if (current_db != NULL)
+			{
+				ereport(LOG,
+						(errmsg("storyboard_worker.database changed from \"%s\" to \"%s\"; restarting consumers",
+								current_db, sbw_database)));
+				pfree(current_db);
+			}
+			sbw_stop_all_consumers();
+			current_db = MemoryContextStrdup(TopMemoryContext, sbw_database);
+			dboid = InvalidOid;
+			next_db_check = 0;
+		}
+
+		now = GetCurrentTimestamp();
+		if (!OidIsValid(dboid) && now >= next_db_check)
+		{
+			dboid = sbw_lookup_database(current_db);
+			if (!OidIsValid(dboid))
+			{
+				ereport(LOG,
+						(errmsg("storyboard_worker is waiting for database \"%s\" to exist",
+								current_db),
+						 errhint("Create it, or set storyboard_worker.database and reload; checking again in %d s.",
+								 sbw_rabbit_retry_delay)));
+				next_db_check = TimestampTzPlusMilliseconds(now,
+															sbw_rabbit_retry_delay * 1000L);
+			}
+		}
+
+		if (OidIsValid(dboid))
+		{
+			bool		registration_failed;
+
+			next = sbw_reconcile(dboid, &registration_failed);
+			if (registration_failed && !warned_slots)
+			{
+				ereport(WARNING,
+						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+						 errmsg("storyboard_worker could not start all %d consumers",
+								sbw_worker_count),
+						 errhint("Raise max_worker_processes (needs a restart) or lower storyboard_worker.worker_count.")));
+				warned_slots = true;
+			}
+			else if (!registration_failed)
+				warned_slots = false;
+		}
+		else
+			next = next_db_check;
+
+		if (next != 0)
+		{
+			long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next);
+
+			timeout_ms = Max(Min(ms, timeout_ms), 10);
+		}
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 timeout_ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+
+		/*
+		 * A consumer that exits because its database vanished tells us to
+		 * look the database up again before restarting it.
+		 */
+		if (OidIsValid(dboid))
+		{
+			int			i;
+
+			for (i = 0; i < sbw_worker_count; i++)
+				if (consumers[i].failures > 0 && consumers[i].handle == NULL)
+				{
+					dboid = InvalidOid;
+					next_db_check = 0;
+					break;
+				}
+		}
+	}
+}

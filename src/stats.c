@@ -1,0 +1,262 @@
+/*-------------------------------------------------------------------------
+ *
+ * stats.c
+ *		Shared-memory state of the consumers and the stats view.
+ *
+ * Each consumer owns one slot, indexed by its worker number, and is the
+ * only writer of it; readers (the stats view) take the slot's spinlock to
+ * get a consistent copy.  Counters are cumulative since the slot's worker
+ * started.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/proc.h"
+#include "storage/procarray.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+#include "storyboard_worker.h"
+
+SbwShared  *sbw_shared = NULL;
+
+/* This process's slot, if it is a consumer. */
+static SbwWorkerSlot *my_slot = NULL;
+
+PG_FUNCTION_INFO_V1(sbw_worker_stats);
+PG_FUNCTION_INFO_V1(sbw_wake_workers);
+
+/* Size of the shared state, requested at startup. */
+Size
+sbw_shmem_size(void)
+{
+	return MAXALIGN(sizeof(SbwShared));
+}
+
+/*
+ * Create the shared state (postmaster) or attach to it (EXEC_BACKEND
+ * children).  Called with AddinShmemInitLock held by convention.
+ */
+void
+sbw_shmem_init(void)
+{
+	bool		found;
+	int			i;
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	sbw_shared = ShmemInitStruct("storyboard_worker", sbw_shmem_size(), &found);
+	if (!found)
+	{
+		memset(sbw_shared, 0, sizeof(SbwShared));
+		for (i = 0; i < SBW_MAX_WORKERS; i++)
+			SpinLockInit(&sbw_shared->slots[i].mutex);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/* Forget our pid in the slot when the consumer exits, however it exits. */
+static void
+sbw_slot_detach(int code, Datum arg)
+{
+	if (my_slot == NULL)
+		return;
+	SpinLockAcquire(&my_slot->mutex);
+	my_slot->pid = 0;
+	my_slot->state = SBW_STATE_IDLE;
+	my_slot->broker[0] = '\0';
+	SpinLockRelease(&my_slot->mutex);
+	my_slot = NULL;
+}
+
+/*
+ * Take slot number 'slot' for this consumer and reset its counters: the
+ * view reports the life of the current process.
+ */
+void
+sbw_slot_attach(int slot)
+{
+	Assert(slot >= 0 && slot < SBW_MAX_WORKERS);
+	my_slot = &sbw_shared->slots[slot];
+	SpinLockAcquire(&my_slot->mutex);
+	my_slot->pid = MyProcPid;
+	my_slot->state = SBW_STATE_IDLE;
+	my_slot->broker[0] = '\0';
+	my_slot->connected_since = 0;
+	my_slot->received = 0;
+	my_slot->processed = 0;
+	my_slot->dead_lettered = 0;
+	my_slot->redelivered = 0;
+	my_slot->duplicates = 0;
+	SpinLockRelease(&my_slot->mutex);
+	before_shmem_exit(sbw_slot_detach, (Datum) 0);
+}
+
+/* Publish the consumer's state; broker is "host:port" when connected. */
+void
+sbw_slot_set_state(SbwWorkerState state, const char *broker)
+{
+	if (my_slot == NULL)
+		return;
+	SpinLockAcquire(&my_slot->mutex);
+	if (state == SBW_STATE_CONSUMING && my_slot->state != SBW_STATE_CONSUMING)
+		my_slot->connected_since = GetCurrentTimestamp();
+	else if (state != SBW_STATE_CONSUMING)
+		my_slot->connected_since = 0;
+	my_slot->state = state;
+	strlcpy(my_slot->broker, broker ? broker : "", sizeof(my_slot->broker));
+	SpinLockRelease(&my_slot->mutex);
+}
+
+/* Add to the counters. */
+void
+sbw_slot_count(uint64 received, uint64 processed, uint64 dead_lettered,
+			   uint64 redelivered, uint64 duplicates)
+{
+	if (my_slot == NULL)
+		return;
+	SpinLockAcquire(&my_slot->mutex);
+	my_slot->received += received;
+	my_slot->processed += processed;
+	my_slot->dead_lettered += dead_lettered;
+	my_slot->redelivered += redelivered;
+	my_slot->duplicates += duplicates;
+	SpinLockRelease(&my_slot->mutex);
+}
+
+/* Remember the last error, for operators who look at the view first. */
+void
+sbw_slot_error(const char *msg)
+{
+	if (my_slot == NULL)
+		return;
+	SpinLockAcquire(&my_slot->mutex);
+	strlcpy(my_slot->last_error, msg ? msg : "", sizeof(my_slot->last_error));
+	my_slot->last_error_at = GetCurrentTimestamp();
+	SpinLockRelease(&my_slot->mutex);
+}
+
+static const char *
+sbw_state_name(SbwWorkerState state)
+{
+	switch (state)
+	{
+		case SBW_STATE_IDLE:
+			return "idle";
+		case SBW_STATE_CONNECTING:
+			return "connecting";
+		case SBW_STATE_CONSUMING:
+			return "consuming";
+		case SBW_STATE_BACKING_OFF:
+			return "backing off";
+	}
+	return "unknown";
+}
+
+/*
+ * SQL: storyboard_worker.worker_stats(), one row per running consumer.
+ * Never shows the broker password: only host:port is kept in the slot.
+ */
+Datum
+sbw_worker_stats(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			i;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (sbw_shared == NULL)
+		PG_RETURN_VOID();
+
+	for (i = 0; i < SBW_MAX_WORKERS; i++)
+	{
+		SbwWorkerSlot *slot = &sbw_shared->slots[i];
+		SbwWorkerSlot copy;
+		Datum		values[12];
+		bool		nulls[12];
+
+		SpinLockAcquire(&slot->mutex);
+		memcpy(&copy, slot, sizeof(copy));
+		SpinLockRelease(&slot->mutex);
+		if (copy.pid == 0)
+			continue;
+
+		memset(nulls, 0, sizeof(nulls));
+		values[0] = Int32GetDatum(i);
+		values[1] = Int32GetDatum(copy.pid);
+		values[2] = CStringGetTextDatum(sbw_state_name(copy.state));
+		if (copy.broker[0])
+			values[3] = CStringGetTextDatum(copy.broker);
+		else
+			nulls[3] = true;
+		if (copy.connected_since)
+			values[4] = TimestampTzGetDatum(copy.connected_since);
+		else
+			nulls[4] = true;
+		values[5] = Int64GetDatum((int64) copy.received);
+		values[6] = Int64GetDatum((int64) copy.processed);
+		values[7] = Int64GetDatum((int64) copy.dead_lettered);
+		values[8] = Int64GetDatum((int64) copy.redelivered);
+		if (copy.last_error[0])
+		{
+			values[9] = CStringGetTextDatum(copy.last_error);
+			values[10] = TimestampTzGetDatum(copy.last_error_at);
+		}
+		else
+			nulls[9] = nulls[10] = true;
+		values[11] = Int64GetDatum((int64) copy.duplicates);
+		/* version 1.0 of the SQL declares 11 columns, 1.1 adds duplicates */
+		if (rsinfo->setDesc->natts < 12)
+			nulls[11] = true;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	PG_RETURN_VOID();
+}
+
+/*
+ * SQL: storyboard_worker.wake_workers().  Sets the latch of the launcher
+ * and of every consumer, so that CREATE EXTENSION (which calls this) or a
+ * change an operator wants noticed now takes effect without waiting for the
+ * next periodic check.  Returns how many processes were woken.
+ */
+Datum
+sbw_wake_workers(PG_FUNCTION_ARGS)
+{
+	int			woken = 0;
+	int			i;
+	List	   *pids = NIL;
+	ListCell   *lc;
+
+	if (sbw_shared == NULL)
+		PG_RETURN_INT32(0);
+
+	if (sbw_shared->launcher_pid != 0)
+		pids = lappend_int(pids, sbw_shared->launcher_pid);
+	for (i = 0; i < SBW_MAX_WORKERS; i++)
+	{
+		int			pid;
+
+		SpinLockAcquire(&sbw_shared->slots[i].mutex);
+		pid = sbw_shared->slots[i].pid;
+		SpinLockRelease(&sbw_shared->slots[i].mutex);
+		if (pid != 0)
+			pids = lappend_int(pids, pid);
+	}
+
+	foreach(lc, pids)
+	{
+		PGPROC	   *proc = BackendPidGetProc(lfirst_int(lc));
+
+		if (proc != NULL)
+		{
+			SetLatch(&proc->procLatch);
+			woken++;
+		}
+	}
+	PG_RETURN_INT32(woken);
+}

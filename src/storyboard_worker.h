@@ -1,0 +1,160 @@
+/*-------------------------------------------------------------------------
+ *
+ * storyboard_worker.h
+ *		Declarations shared by the files of storyboard_worker.
+ *
+ * Files, one concern each:
+ *	storyboard_worker.c	_PG_init: GUCs, shared memory, launcher registration
+ *	guc.c				every storyboard_worker.* setting
+ *	launcher.c			keeps worker_count consumers alive
+ *	consumer.c			one consumer: wait, drain, dispatch, ack, back off
+ *	amqp_link.c			librabbitmq: connect, declare, consume, ack
+ *	event_decode.c		json-c: message body -> SbwEvent
+ *	dispatch.c			one event, one transaction, plugins in savepoints
+ *	plugins.c			the plugin registry and its cache
+ *	stats.c				shared-memory counters, the stats view
+ *	subscription.c		the built-in "subscription" plugin
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef STORYBOARD_WORKER_H
+#define STORYBOARD_WORKER_H
+
+#include "fmgr.h"
+#include "nodes/pg_list.h"
+#include "storage/lwlock.h"
+#include "storage/s_lock.h"
+#include "utils/timestamp.h"
+
+#define SBW_EXTENSION_NAME	"storyboard_worker"
+#define SBW_SCHEMA_NAME		"storyboard_worker"
+#define SBW_MAX_WORKERS		64
+
+/*
+ * SQLSTATE a plugin raises to ask for a retry later ("not yet"), e.g. when
+ * the API transaction that published the event has not committed yet.
+ */
+#define ERRCODE_SBW_RETRY_LATER	MAKE_SQLSTATE('S','B','0','0','1')
+
+/* ---- guc.c ---- */
+extern bool sbw_enable_notifications;
+extern char *sbw_database;
+extern int	sbw_worker_count;
+extern char *sbw_rabbit_host;
+extern int	sbw_rabbit_port;
+extern char *sbw_rabbit_userid;
+extern char *sbw_rabbit_password;
+extern char *sbw_rabbit_virtual_host;
+extern char *sbw_rabbit_exchange_name;
+extern char *sbw_rabbit_event_queue_name;
+extern int	sbw_rabbit_retry_delay;
+extern int	sbw_rabbit_heartbeat;
+extern int	sbw_rabbit_prefetch;
+extern int	sbw_rabbit_queue_type;
+extern bool sbw_rabbit_use_ssl;
+extern char *sbw_rabbit_ssl_ca_file;
+extern char *sbw_rabbit_ssl_cert_file;
+extern char *sbw_rabbit_ssl_key_file;
+extern bool sbw_rabbit_ssl_verify_peer;
+extern int	sbw_max_message_bytes;
+extern int	sbw_max_retries;
+extern int	sbw_batch_size;
+extern int	sbw_ledger_retention;
+extern char *sbw_role;
+
+typedef enum SbwQueueType
+{
+	SBW_QUEUE_CLASSIC,
+	SBW_QUEUE_QUORUM
+} SbwQueueType;
+
+extern void sbw_define_gucs(void);
+
+/* ---- stats.c: shared state, one slot per consumer ---- */
+typedef enum SbwWorkerState
+{
+	SBW_STATE_IDLE,
+	SBW_STATE_CONNECTING,
+	SBW_STATE_CONSUMING,
+	SBW_STATE_BACKING_OFF
+} SbwWorkerState;
+
+typedef struct SbwWorkerSlot
+{
+	slock_t		mutex;
+	int			pid;			/* 0 = slot unused */
+	SbwWorkerState state;
+	char		broker[128];
+	TimestampTz connected_since;
+	uint64		received;
+	uint64		processed;
+	uint64		dead_lettered;
+	uint64		redelivered;
+	uint64		duplicates;		/* redelivered and found in the ledger */
+	char		last_error[256];
+	TimestampTz last_error_at;
+} SbwWorkerSlot;
+
+typedef struct SbwShared
+{
+	int			launcher_pid;
+	SbwWorkerSlot slots[SBW_MAX_WORKERS];
+} SbwShared;
+
+extern SbwShared *sbw_shared;
+extern Size sbw_shmem_size(void);
+extern void sbw_shmem_init(void);
+extern void sbw_slot_attach(int slot);
+extern void sbw_slot_set_state(SbwWorkerState state, const char *broker);
+extern void sbw_slot_count(uint64 received, uint64 processed,
+						   uint64 dead_lettered, uint64 redelivered,
+						   uint64 duplicates);
+extern void sbw_slot_error(const char *msg);
+
+/* ---- launcher.c / consumer.c ---- */
+extern void sbw_register_launcher(void);
+PGDLLEXPORT void sbw_launcher_main(Datum main_arg);
+PGDLLEXPORT void sbw_consumer_main(Datum main_arg);
+
+/* ---- plugins.c ---- */
+typedef struct SbwPlugin
+{
+	char	   *name;
+	Oid			handler;
+	Oid			enabled;		/* InvalidOid = always enabled */
+	FmgrInfo	handler_finfo;
+	FmgrInfo	enabled_finfo;
+} SbwPlugin;
+
+/* The registry, cached; false if the extension is not installed here. */
+extern bool sbw_plugins_get(List **plugins);
+extern Oid	sbw_event_type_oid(void);
+extern void sbw_check_owner(const char *what);
+
+/* ---- dispatch.c ---- */
+struct SbwEvent;
+typedef struct SbwDispatchResult
+{
+	int			nplugins_ok;
+	int			nplugins_failed;
+	bool		undecodable;
+} SbwDispatchResult;
+
+/* Message metadata carried next to the body. */
+typedef struct SbwMessage
+{
+	const char *routing_key;
+	const char *message_id;
+	bool		redelivered;
+	const char *body;
+	size_t		body_len;
+} SbwMessage;
+
+/* ---- ledger.c ---- */
+extern bool sbw_ledger_available(void);
+extern bytea *sbw_ledger_key(const SbwMessage *msg);
+extern bool sbw_ledger_seen(bytea *key);
+extern void sbw_ledger_record(bytea *key);
+extern uint64 sbw_ledger_prune(int retention_s);
+
+#endif							/* STORYBOARD_WORKER_H */
