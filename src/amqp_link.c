@@ -25,8 +25,6 @@
 #include "postgres.h"
 
 #include <errno.h>
-#include <fcntl.h>
-#include <limits.h>
 #include <netdb.h>
 #include <poll.h>
 #include <string.h>
@@ -90,7 +88,7 @@ struct SbwAmqpLink
 	bool		have_external_fd;	/* AcquireExternalFD succeeded */
 	bool		conn_open;		/* connection.open-ok seen, no close yet */
 	bool		channel_open;	/* channel 1 usable */
-	bool		socket_dead;	/* the library closed the socket, or EOF */
+	bool		socket_dead;	/* closed, EOF or stalled: no polite close */
 	char	   *broken;			/* first fatal error, NULL while healthy */
 	char	   *peer;			/* "host:port" */
 	char	   *consumer_tag;	/* from basic.consume-ok */
@@ -928,8 +926,9 @@ sbw_wait_content_frame(SbwAmqpLink *link, amqp_frame_t *frame)
 }
 
 /*
- * A frame that ends the consumer: connection.close, channel.close, or
- * basic.cancel.  Answer as the protocol asks and say what happened.
+ * A method frame that ends the consumer: connection.close or channel.close
+ * (answered with close-ok, as the protocol asks), or one that has no
+ * business arriving in the middle of a message.  Says what happened.
  */
 static char *
 sbw_handle_close_frame(SbwAmqpLink *link, amqp_frame_t *frame)
@@ -979,7 +978,7 @@ sbw_read_content(SbwAmqpLink *link, SbwDelivery *d)
 	status = sbw_wait_content_frame(link, &frame);
 	if (status != AMQP_STATUS_OK)
 	{
-		link->socket_dead |= (status != AMQP_STATUS_TIMEOUT);
+		link->socket_dead = true;	/* mid-message: no polite close */
 		return psprintf("reading the header of delivery %llu from %s failed: %s",
 						(unsigned long long) d->delivery_tag, link->peer,
 						sbw_content_status_text(link, status, errno));
@@ -1013,7 +1012,7 @@ sbw_read_content(SbwAmqpLink *link, SbwDelivery *d)
 		status = sbw_wait_content_frame(link, &frame);
 		if (status != AMQP_STATUS_OK)
 		{
-			link->socket_dead |= (status != AMQP_STATUS_TIMEOUT);
+			link->socket_dead = true;
 			return psprintf("reading the body of delivery %llu from %s failed after %zu of %llu bytes: %s",
 							(unsigned long long) d->delivery_tag, link->peer,
 							received, (unsigned long long) body_size,
@@ -1104,6 +1103,9 @@ sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d, char **errmsg)
 					msg = sbw_read_content(link, d);
 					if (msg)
 					{
+						pfree(d->routing_key);
+						if (d->message_id)
+							pfree(d->message_id);
 						if (d->body)
 							pfree(d->body);
 						memset(d, 0, sizeof(*d));

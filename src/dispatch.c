@@ -348,6 +348,25 @@ sbw_retry_sleep(int attempt)
 }
 
 /*
+ * Call a plugin function with zero or one argument.  Unlike
+ * FunctionCallNColl, a NULL result is not an error: a void SQL or PL/pgSQL
+ * function returns one.  Returns the result, *isnull says whether it is.
+ */
+static Datum
+sbw_call(FmgrInfo *finfo, int nargs, Datum arg, bool *isnull)
+{
+	LOCAL_FCINFO(fcinfo, 1);
+	Datum		result;
+
+	InitFunctionCallInfoData(*fcinfo, finfo, nargs, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = arg;
+	fcinfo->args[0].isnull = false;
+	result = FunctionCallInvoke(fcinfo);
+	*isnull = fcinfo->isnull;
+	return result;
+}
+
+/*
  * Run one plugin in its own subtransaction, as the plugin role.  Returns
  * true on success (or when its enabled() says no: *skipped); on failure
  * the subtransaction is rolled back and *edata describes the error.
@@ -377,11 +396,20 @@ sbw_call_plugin(SbwPlugin *p, Datum event, Oid role, bool *skipped,
 
 		GetUserIdAndSecContext(&save_userid, &save_sec);
 		SetUserIdAndSecContext(role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
-		if (OidIsValid(p->enabled) &&
-			!DatumGetBool(FunctionCall0Coll(&p->enabled_finfo, InvalidOid)))
-			*skipped = true;
-		else
-			(void) FunctionCall1Coll(&p->handler_finfo, InvalidOid, event);
+		if (OidIsValid(p->enabled))
+		{
+			bool		isnull;
+			Datum		on = sbw_call(&p->enabled_finfo, 0, (Datum) 0, &isnull);
+
+			/* NULL counts as "not enabled" */
+			*skipped = isnull || !DatumGetBool(on);
+		}
+		if (!*skipped)
+		{
+			bool		isnull;
+
+			(void) sbw_call(&p->handler_finfo, 1, event, &isnull);
+		}
 		SetUserIdAndSecContext(save_userid, save_sec);
 
 		ReleaseCurrentSubTransaction();

@@ -141,10 +141,10 @@ fi
 
 # ------------------------------------------------------------------ integration
 note "integration tests (pytest)"
+eval "extra=(${PYTEST_ARGS:-})"      # shell words: PYTEST_ARGS="-k 'broker or password'"
 set +e
-# shellcheck disable=SC2086
 SBW_SVC_DIR=$SVC_DIR timeout -k 15 "${PYTEST_TIMEOUT:-720}" "$PY" -m pytest -p no:cacheprovider -rfEs -v \
-	--junitxml="$SVC_DIR/pytest.xml" ${PYTEST_ARGS:-} test/integration
+	--junitxml="$SVC_DIR/pytest.xml" "${extra[@]}" test/integration
 rc=$?
 set -e
 if [ -f "$SVC_DIR/pytest.xml" ]; then
