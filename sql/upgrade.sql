@@ -1,0 +1,46 @@
+-- Upgrade path: 1.0 -> 1.1 gives the same objects as a fresh 1.1 install.
+SET client_min_messages = warning;
+CREATE EXTENSION storyboard_worker VERSION '1.0';
+SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
+SELECT to_regclass('storyboard_worker.ledger') IS NULL AS no_ledger_in_1_0;
+-- A registration and a dead letter made under 1.0 survive the update.
+CREATE FUNCTION upgrade_noop(e storyboard_worker.event) RETURNS void LANGUAGE sql AS '';
+SELECT storyboard_worker.register_plugin('noop', 'upgrade_noop(storyboard_worker.event)');
+SELECT count(*) FROM storyboard_worker.process_event('not json', 'story');
+CREATE TEMP TABLE objects_10_upgraded AS
+  SELECT pg_describe_object(classid, objid, objsubid) AS object
+    FROM pg_depend WHERE refclassid = 'pg_extension'::regclass
+     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker');
+ALTER EXTENSION storyboard_worker UPDATE TO '1.1';
+SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
+SELECT name FROM storyboard_worker.plugins ORDER BY position;
+SELECT count(*) AS dead_letters_kept FROM storyboard_worker.dead_letters;
+SELECT attname FROM pg_attribute WHERE attrelid = 'storyboard_worker.stats'::regclass AND attnum > 0
+ ORDER BY attnum;
+CREATE TEMP TABLE objects_upgraded AS
+  SELECT pg_describe_object(classid, objid, objsubid) AS object
+    FROM pg_depend WHERE refclassid = 'pg_extension'::regclass
+     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker');
+CREATE TEMP TABLE acl_upgraded AS
+  SELECT c.relname, c.relacl::text FROM pg_class c
+   WHERE c.relnamespace = 'storyboard_worker'::regnamespace;
+DROP EXTENSION storyboard_worker CASCADE;
+CREATE EXTENSION storyboard_worker;
+SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
+CREATE TEMP TABLE objects_fresh AS
+  SELECT pg_describe_object(classid, objid, objsubid) AS object
+    FROM pg_depend WHERE refclassid = 'pg_extension'::regclass
+     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker');
+-- differences between the upgraded and the fresh install (expect none)
+(SELECT 'only upgraded' AS side, object FROM objects_upgraded EXCEPT SELECT 'only upgraded', object FROM objects_fresh)
+UNION ALL
+(SELECT 'only fresh', object FROM objects_fresh EXCEPT SELECT 'only fresh', object FROM objects_upgraded)
+ORDER BY 1, 2;
+-- what 1.1 added
+SELECT object FROM objects_fresh EXCEPT SELECT object FROM objects_10_upgraded ORDER BY 1;
+-- same privileges
+SELECT a.relname FROM acl_upgraded a JOIN pg_class c ON c.relname = a.relname
+   AND c.relnamespace = 'storyboard_worker'::regnamespace
+ WHERE a.relacl IS DISTINCT FROM c.relacl::text;
+DROP EXTENSION storyboard_worker CASCADE;
+DROP FUNCTION IF EXISTS upgrade_noop;
