@@ -164,7 +164,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		pfree(errmsg);
 	}
 
-	if (size > 0)
+	/* max_bytes = 0 means no limit, so a 1-byte body cannot be refused */
+	if (size > 1)
 	{
 		if (sbw_decode_event((const char *) data, size, size - 1, &ev,
 							 &errmsg, &sqlstate))

@@ -70,10 +70,26 @@ typedef struct SbwConsumerState
 
 static SbwConsumerState cs;
 
-/* Log once per streak, and show it in the stats view. */
+/*
+ * Log a failure and show it in the stats view.  A broker that stays down
+ * would otherwise fill the log: the same message again within a minute is
+ * logged at DEBUG1 only.
+ */
 static void
 sbw_note_error(int elevel, const char *msg)
 {
+	static char last_msg[256] = "";
+	static TimestampTz last_at = 0;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (strncmp(last_msg, msg, sizeof(last_msg) - 1) == 0 &&
+		!TimestampDifferenceExceeds(last_at, now, 60000))
+		elevel = Min(elevel, DEBUG1);
+	else
+	{
+		strlcpy(last_msg, msg, sizeof(last_msg));
+		last_at = now;
+	}
 	ereport(elevel, (errmsg("storyboard_worker consumer %d: %s", cs.worker_id, msg)));
 	sbw_slot_error(msg);
 }
@@ -174,7 +190,7 @@ sbw_connect(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 	if (cs.link == NULL)
 	{
-		sbw_note_error(cs.failures == 0 ? LOG : DEBUG1, err);
+		sbw_note_error(LOG, err);
 		sbw_backoff();
 	}
 	else

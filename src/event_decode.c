@@ -31,9 +31,10 @@
  * 3. StoryBoard's rules (types, "payload[key] or None", method and resource
  *    names) are applied to the copies.  Error messages are built here.
  *
- * The decoder never calls ereport/elog and uses only palloc, palloc0,
- * pnstrdup, psprintf, pfree and pure functions, so the fuzz harness
- * (fuzz/) and the unit test (test/unit/) link it with malloc-based stubs.
+ * The decoder never calls ereport/elog.  It uses only palloc, palloc0,
+ * pstrdup, pnstrdup, psprintf, pfree and pure functions (pg_utf_mblen,
+ * pg_utf8_islegal, qsort), so the fuzz harness (fuzz/) and the unit test
+ * (test/unit/) link it with malloc-based stubs.
  *
  *-------------------------------------------------------------------------
  */
@@ -71,7 +72,7 @@
 #define SBW_NUMERIC_DWEIGHT_MAX		131071
 #define SBW_NUMERIC_EXPONENT_LIMIT	((int64) (PG_INT32_MAX / 2))
 
-/* SBW_IS_DIGIT() depends on the locale; JSON digits do not. */
+/* isdigit() depends on the locale; JSON digits do not. */
 #define SBW_IS_DIGIT(c)			((c) >= '0' && (c) <= '9')
 
 /* Flags for json_object_to_json_string_ext: compact, '/' unescaped. */
@@ -207,9 +208,16 @@ typedef struct SbwScan
 	int64		nkeys;
 	int64		maxkeys;
 
-	/* the first error, if any */
+	/* the first syntax error, which stops the scan */
 	char	   *errmsg;
 	int			sqlstate;
+
+	/*
+	 * The first content error (\u0000, lone surrogate, number range), which
+	 * does not stop it: a syntax error found later still wins.
+	 */
+	char	   *content_errmsg;
+	int			content_sqlstate;
 } SbwScan;
 
 /* What json-c found for one known key (phase 2). */
@@ -481,16 +489,22 @@ render_path(const SbwScan *s)
 
 /*
  * An error about the content at the current key path (NUL, surrogate,
- * number range): "key \"<path>\" <what>".
+ * number range): "key \"<path>\" <what>".  Only the first is kept, and the
+ * scan goes on, so that a body which is not JSON at all is always reported
+ * as such, whatever it contains before the syntax error.
  */
 static bool
 content_error(SbwScan *s, int sqlstate, const char *what)
 {
-	char	   *path = render_path(s);
-	char	   *msg = psprintf("key \"%s\" %s", path, what);
+	char	   *path;
 
+	if (s->content_errmsg != NULL)
+		return true;
+	path = render_path(s);
+	s->content_errmsg = psprintf("key \"%s\" %s", path, what);
+	s->content_sqlstate = sqlstate;
 	pfree(path);
-	return scan_fail(s, sqlstate, msg);
+	return true;
 }
 
 /*
@@ -768,13 +782,20 @@ scan_string(SbwScan *s, SbwDecodeTarget *dt, SbwStrProblem *problem,
 				break;
 			default:
 				{
-					char	   *ch = describe_char(s->buf, s->len, s->pos + 1);
-					char	   *what = psprintf("invalid escape \\%s inside a string",
-												ch);
+					char	   *what;
 
+					if (c > 0x20 && c < 0x7F)
+						what = psprintf("invalid escape \"\\%c\" inside a string", c);
+					else
+					{
+						char	   *ch = describe_char(s->buf, s->len, s->pos + 1);
+
+						what = psprintf("invalid escape (backslash followed by %s) inside a string",
+										ch);
+						pfree(ch);
+					}
 					syntax_error(s, s->pos, what);
 					pfree(what);
-					pfree(ch);
 					return false;
 				}
 		}
@@ -1338,6 +1359,8 @@ find_duplicate_key(const char *body, size_t len, char **errmsg, int *sqlstate)
 	}
 	if (s->errmsg)
 		pfree(s->errmsg);
+	if (s->content_errmsg)
+		pfree(s->content_errmsg);
 	if (s->keys)
 		pfree(s->keys);
 	pfree(s->keybuf);
@@ -1773,10 +1796,11 @@ clear_event(SbwEvent *ev)
 /*
  * sbw_decode_event: see event_decode.h.
  *
- * Errors come out in this order: size, UTF-8, JSON syntax and depth (first
- * in document order, together with \u0000, lone surrogates and numbers out
- * of range, which name their key path), top-level type, duplicate top-level
- * keys, then the 12 keys' rules in table order.
+ * Errors come out in this order: size, UTF-8 (first bad sequence), JSON
+ * syntax and depth (first in the body), contents PostgreSQL cannot store
+ * (first \u0000, lone surrogate or number out of range, naming its key
+ * path), top-level type, duplicate top-level keys, then the 12 keys' rules
+ * in table order.
  */
 bool
 sbw_decode_event(const char *body, size_t len, size_t max_bytes,
@@ -1830,10 +1854,20 @@ sbw_decode_event(const char *body, size_t len, size_t max_bytes,
 		return false;
 	}
 	s->pos = 0;
-	if (!check_utf8(s) || !scan_body(s))
+	if (!check_utf8(s) || !scan_body(s) || s->content_errmsg != NULL)
 	{
-		*errmsg = s->errmsg;
-		*sqlstate = s->sqlstate;
+		if (s->errmsg != NULL)
+		{
+			*errmsg = s->errmsg;
+			*sqlstate = s->sqlstate;
+			if (s->content_errmsg != NULL)
+				pfree(s->content_errmsg);
+		}
+		else
+		{
+			*errmsg = s->content_errmsg;
+			*sqlstate = s->content_sqlstate;
+		}
 		pfree(s);
 		return false;
 	}

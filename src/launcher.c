@@ -202,7 +202,7 @@ sbw_reconcile(Oid dboid, bool *registration_failed)
 			pfree(c->handle);
 			c->handle = NULL;
 			c->failures = quick ? c->failures + 1 : 0;
-			backoff = (long) SBW_MIN_BACKOFF_MS << Min(c->failures, 12);
+			backoff = (long) SBW_MIN_BACKOFF_MS << Min(Max(c->failures - 1, 0), 12);
 			backoff = Min(backoff, (long) sbw_rabbit_retry_delay * 1000L);
 			c->next_start = TimestampTzPlusMilliseconds(now, backoff);
 			if (i < sbw_worker_count)

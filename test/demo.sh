@@ -18,6 +18,7 @@ export PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 PY=/usr/bin/python3
 SCHEMA=test/fixtures/storyboard_schema.sql
 DATA=test/fixtures/storyboard_demo_data.sql
+[ -f "$DATA" ] || DATA=test/fixtures/storyboard_mock_data.sql     # StoryBoard's own test data
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 [ "$(id -u)" = 0 ] || { echo "demo.sh: run as root" >&2; exit 2; }
@@ -110,52 +111,56 @@ step "three API actions: a story created, a task status change, a comment"
 PUB=("$PY" test/publish.py --url "$AMQP_URL" --mandatory)
 if [ "$HAVE_SCHEMA" = 1 ] && ids=$(psql_sb -At -v ON_ERROR_STOP=1 2>"$SVC_DIR/demo-api.err" <<'SQL'
 -- What StoryBoard's API writes before it publishes (its tables, section 6 of
--- the reference): a new story, a task of it set to merged, a comment; each
--- with its timeline event row.  Output: story|task|comment|ev1|ev2|ev3|author
+-- the reference): a new story with a task, the task set to merged, a
+-- comment; each with its timeline event row.  The author is user 2; user 3
+-- subscribes to the new story; user 1 already follows project group 1
+-- (mock data), which holds the task's project.
+-- Output: story|task|comment|ev1|ev2|ev3|author
 BEGIN;
 CREATE TEMP TABLE demo_ids (k text PRIMARY KEY, v bigint);
-INSERT INTO demo_ids SELECT 'author', min(id) FROM users;
-WITH s AS (INSERT INTO stories (created_at, creator_id, title, description, is_bug, story_type_id, private)
-	VALUES (now(), (SELECT v FROM demo_ids WHERE k = 'author'),
+INSERT INTO demo_ids SELECT 'author', coalesce((SELECT id FROM users WHERE id = 2), (SELECT min(id) FROM users));
+WITH s AS (INSERT INTO stories (creator_id, title, description, is_bug, story_type_id, private)
+	VALUES ((SELECT v FROM demo_ids WHERE k = 'author'),
 		'Demo: the worker runs inside PostgreSQL', 'Created by test/demo.sh', false, 1, false) RETURNING id)
 INSERT INTO demo_ids SELECT 'story', id FROM s;
-WITH t AS (INSERT INTO tasks (created_at, title, status, story_id, project_id, creator_id, priority)
-	VALUES (now(), 'Write the consumer', 'inprogress', (SELECT v FROM demo_ids WHERE k = 'story'),
+WITH t AS (INSERT INTO tasks (title, status, story_id, project_id, creator_id, priority)
+	VALUES ('Write the consumer', 'inprogress', (SELECT v FROM demo_ids WHERE k = 'story'),
 		(SELECT min(id) FROM projects), (SELECT v FROM demo_ids WHERE k = 'author'), 'medium') RETURNING id)
 INSERT INTO demo_ids SELECT 'task', id FROM t;
-UPDATE tasks SET status = 'merged', updated_at = now() WHERE id = (SELECT v FROM demo_ids WHERE k = 'task');
-WITH c AS (INSERT INTO comments (created_at, content, is_active) VALUES (now(), 'Looks good to me', true) RETURNING id)
+UPDATE tasks SET status = 'merged', updated_at = now() AT TIME ZONE 'UTC'
+	WHERE id = (SELECT v FROM demo_ids WHERE k = 'task');
+WITH c AS (INSERT INTO comments (content, is_active) VALUES ('Looks good to me', true) RETURNING id)
 INSERT INTO demo_ids SELECT 'comment', id FROM c;
-WITH e AS (INSERT INTO events (created_at, story_id, author_id, event_type, event_info)
-	SELECT now(), s.v, a.v, 'story_created',
+WITH e AS (INSERT INTO events (story_id, author_id, event_type, event_info)
+	SELECT s.v, a.v, 'story_created',
 		json_build_object('story_id', s.v, 'story_title', 'Demo: the worker runs inside PostgreSQL')::text
 	FROM demo_ids s, demo_ids a WHERE s.k = 'story' AND a.k = 'author' RETURNING id)
 INSERT INTO demo_ids SELECT 'ev1', id FROM e;
-WITH e AS (INSERT INTO events (created_at, story_id, author_id, event_type, event_info)
-	SELECT now(), s.v, a.v, 'task_status_changed',
+WITH e AS (INSERT INTO events (story_id, author_id, event_type, event_info)
+	SELECT s.v, a.v, 'task_status_changed',
 		json_build_object('story_id', s.v, 'task_id', t.v, 'task_title', 'Write the consumer',
 			'old_status', 'inprogress', 'new_status', 'merged')::text
 	FROM demo_ids s, demo_ids a, demo_ids t WHERE s.k = 'story' AND a.k = 'author' AND t.k = 'task' RETURNING id)
 INSERT INTO demo_ids SELECT 'ev2', id FROM e;
-WITH e AS (INSERT INTO events (created_at, story_id, comment_id, author_id, event_type)
-	SELECT now(), s.v, c.v, a.v, 'user_comment'
+WITH e AS (INSERT INTO events (story_id, comment_id, author_id, event_type)
+	SELECT s.v, c.v, a.v, 'user_comment'
 	FROM demo_ids s, demo_ids a, demo_ids c WHERE s.k = 'story' AND a.k = 'author' AND c.k = 'comment' RETURNING id)
 INSERT INTO demo_ids SELECT 'ev3', id FROM e;
--- the author subscribes to the story, as the webclient does for a story's creator
-INSERT INTO subscriptions (created_at, user_id, target_type, target_id)
-	SELECT now(), a.v, 'story', s.v FROM demo_ids s, demo_ids a WHERE s.k = 'story' AND a.k = 'author';
+INSERT INTO subscriptions (user_id, target_type, target_id)
+	SELECT coalesce((SELECT id FROM users WHERE id = 3), a.v), 'story', s.v
+	FROM demo_ids s, demo_ids a WHERE s.k = 'story' AND a.k = 'author';
 COMMIT;
 SELECT string_agg(v::text, '|' ORDER BY array_position(ARRAY['story','task','comment','ev1','ev2','ev3','author'], k))
 FROM demo_ids;
 SQL
-); then
+) && [[ $ids =~ ^[0-9]+(\|[0-9]+){6}$ ]]; then
 	IFS='|' read -r sid tid cid ev1 ev2 ev3 aid <<<"$ids"
 	"${PUB[@]}" story-created --story-id "$sid" --author-id "$aid" --event-id "$ev1" --title "Demo: the worker runs inside PostgreSQL"
-	"${PUB[@]}" task-status --task-id "$tid" --story-id "$sid" --old inprogress --new merged --author-id "$aid" --event-id "$ev2"
-	"${PUB[@]}" comment --story-id "$sid" --comment-id "$cid" --author-id "$aid" --event-id "$ev3"
+	"${PUB[@]}" task-status --task-id "$tid" --story-id "$sid" --old inprogress --new merged --author-id "$aid" --event-id "$ev2" --title "Write the consumer"
+	"${PUB[@]}" comment --story-id "$sid" --comment-id "$cid" --author-id "$aid" --event-id "$ev3" --title "Demo: the worker runs inside PostgreSQL"
 else
 	if [ "$HAVE_SCHEMA" = 1 ]; then
-		echo "(could not write the StoryBoard rows: $(head -3 "$SVC_DIR/demo-api.err"); publishing the sample events only)"
+		echo "(could not write the StoryBoard rows [$ids]: $(head -3 "$SVC_DIR/demo-api.err"); publishing the sample events only)"
 	fi
 	"${PUB[@]}" demo
 fi

@@ -311,11 +311,13 @@ def main(argv=None):
     p.add_argument("--story-id", type=int, required=True)
     p.add_argument("--old", default="todo")
     p.add_argument("--new", default="merged")
+    p.add_argument("--title", default="A task")
     p.add_argument("--author-id", type=int, default=1)
     p.add_argument("--event-id", type=int)
     p = sub.add_parser("comment")
     p.add_argument("--story-id", type=int, required=True)
     p.add_argument("--comment-id", type=int, required=True)
+    p.add_argument("--title", default="A story", help="the story's title")
     p.add_argument("--author-id", type=int, default=1)
     p.add_argument("--event-id", type=int)
     p = sub.add_parser("project-group")
@@ -343,11 +345,11 @@ def main(argv=None):
     elif a.cmd == "story-created":
         bodies = story_created(a.story_id, a.title, author_id=a.author_id, event_id=a.event_id)
     elif a.cmd == "task-status":
-        bodies = task_status_changed(a.task_id, a.story_id, a.old, a.new,
+        bodies = task_status_changed(a.task_id, a.story_id, a.old, a.new, title=a.title,
                                      author_id=a.author_id, event_id=a.event_id)
     elif a.cmd == "comment":
         bodies = comment_added(a.story_id, a.comment_id, author_id=a.author_id,
-                               event_id=a.event_id)
+                               event_id=a.event_id, title=a.title)
     elif a.cmd == "project-group":
         bodies = project_group_project_added(a.group_id, a.project_id, author_id=a.author_id)
     else:

@@ -213,7 +213,7 @@ rmq_wait_ready() {
 		sleep 0.05
 	done
 	amqp-delete-queue --url="$AMQP_URL" -q __sbw_probe >/dev/null 2>&1 || { echo "rmq_wait_ready: not ready" >&2; return 1; }
-	RMQ_BEAM_PID=$(cat "$d/beam.pid" 2>/dev/null)
+	RMQ_BEAM_PID=$(cat "$d/beam.pid" 2>/dev/null || true)
 	export AMQP_URL RMQ_BEAM_PID
 	svc_save
 }
