@@ -205,6 +205,24 @@ sbw_connect(void)
 }
 
 /*
+ * Is there a ledger table?  Looked up again only after DDL (the extension
+ * updated to 1.1, dropped, created), not for every batch.
+ */
+static bool
+sbw_ledger_cached(void)
+{
+	static uint64 generation = 0;
+	static bool available = false;
+
+	if (generation != sbw_catalog_generation())
+	{
+		available = sbw_ledger_available();
+		generation = sbw_catalog_generation();
+	}
+	return available;
+}
+
+/*
  * Dispatch a batch of deliveries in one transaction and acknowledge them
  * after COMMIT.  Returns false if the connection was lost or the
  * transaction failed (the caller then reconnects after a back-off).
@@ -228,7 +246,7 @@ sbw_process_batch(SbwDelivery *batch, int n)
 		StartTransactionCommand();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		pgstat_report_activity(STATE_RUNNING, "storyboard_worker: dispatching events");
-		ledger = sbw_ledger_available();
+		ledger = sbw_ledger_cached();
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
 

@@ -51,7 +51,10 @@ PG_FUNCTION_INFO_V1(sbw_replay);
 /* Plans kept for the life of the backend (re-validated by the plancache). */
 static SPIPlanPtr dead_letter_plan = NULL;
 static SPIPlanPtr author_plan = NULL;
-static Oid	author_relid = InvalidOid;
+static Oid	author_relid = InvalidOid;	/* the relation author_plan reads */
+static Oid	author_relid_now = InvalidOid;	/* what "users" resolves to */
+static uint64 author_generation = 0;
+static OverrideSearchPath *author_path = NULL;
 
 /* The role plugins run as, resolved from storyboard_worker.role. */
 static Oid	plugin_role = InvalidOid;
@@ -204,7 +207,18 @@ sbw_lookup_author(const SbwEvent *ev, bool *isnull)
 	if (!ev->has_author_id)
 		return (Datum) 0;
 
-	relid = RangeVarGetRelid(makeRangeVar(NULL, "users", -1), NoLock, true);
+	/* resolve "users" again only after DDL or a search_path change */
+	if (author_generation != sbw_catalog_generation() ||
+		author_path == NULL || !OverrideSearchPathMatchesCurrent(author_path))
+	{
+		author_relid_now = RangeVarGetRelid(makeRangeVar(NULL, "users", -1),
+											NoLock, true);
+		if (author_path)
+			pfree(author_path);
+		author_path = GetOverrideSearchPath(TopMemoryContext);
+		author_generation = sbw_catalog_generation();
+	}
+	relid = author_relid_now;
 	if (!OidIsValid(relid))
 		return (Datum) 0;
 

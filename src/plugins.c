@@ -50,6 +50,7 @@ static Oid	cached_plugins_relid = InvalidOid;
 static Oid	cached_event_type = InvalidOid;
 static List *cached_plugins = NIL;
 static uint64 inval_count = 0;	/* bumped by every invalidation */
+static uint64 catalog_generation = 1;	/* see sbw_catalog_generation() */
 
 /* Drop the whole cache; the next sbw_plugins_get() reloads it. */
 static void
@@ -66,8 +67,43 @@ sbw_plugins_invalidate(void)
 static void
 sbw_relcache_callback(Datum arg, Oid relid)
 {
+	catalog_generation++;
 	if (!OidIsValid(relid) || relid == cached_plugins_relid)
 		sbw_plugins_invalidate();
+}
+
+/* Syscache callback for pg_namespace: search_path resolution may change. */
+static void
+sbw_namespace_callback(Datum arg, int cacheid, uint32 hashvalue)
+{
+	catalog_generation++;
+}
+
+static void sbw_syscache_callback(Datum arg, int cacheid, uint32 hashvalue);
+
+/* Hook our invalidation callbacks, once per backend. */
+static void
+sbw_register_callbacks(void)
+{
+	if (callbacks_registered)
+		return;
+	CacheRegisterRelcacheCallback(sbw_relcache_callback, (Datum) 0);
+	CacheRegisterSyscacheCallback(PROCOID, sbw_syscache_callback, (Datum) 0);
+	CacheRegisterSyscacheCallback(TYPEOID, sbw_syscache_callback, (Datum) 0);
+	CacheRegisterSyscacheCallback(NAMESPACEOID, sbw_namespace_callback, (Datum) 0);
+	callbacks_registered = true;
+}
+
+/*
+ * A number that changes whenever a relation or schema may have been
+ * created, dropped or altered.  Lets callers cache name lookups (the users
+ * table, the ledger) without a catalog lookup per event.
+ */
+uint64
+sbw_catalog_generation(void)
+{
+	sbw_register_callbacks();
+	return catalog_generation;
 }
 
 /* Syscache callback for pg_proc and pg_type: a handler or our type changed. */
@@ -106,13 +142,7 @@ sbw_plugins_load(void)
 	uint64		i;
 	uint64		inval_at_start = inval_count;
 
-	if (!callbacks_registered)
-	{
-		CacheRegisterRelcacheCallback(sbw_relcache_callback, (Datum) 0);
-		CacheRegisterSyscacheCallback(PROCOID, sbw_syscache_callback, (Datum) 0);
-		CacheRegisterSyscacheCallback(TYPEOID, sbw_syscache_callback, (Datum) 0);
-		callbacks_registered = true;
-	}
+	sbw_register_callbacks();
 
 	if (cache_cxt == NULL)
 		cache_cxt = AllocSetContextCreate(CacheMemoryContext,

@@ -130,6 +130,7 @@ typedef struct SbwPlugin
 extern bool sbw_plugins_get(List **plugins);
 extern Oid	sbw_event_type_oid(void);
 extern void sbw_check_owner(const char *what);
+extern uint64 sbw_catalog_generation(void);
 
 /* ---- dispatch.c ---- */
 struct SbwEvent;
