@@ -158,6 +158,23 @@ sbw_next_host(void)
 	return host;
 }
 
+/*
+ * The settings a connection is made with, as one string (palloc'd), to
+ * tell whether a reload changed any of them.
+ */
+static char *
+sbw_broker_settings(void)
+{
+	return psprintf("%s|%d|%s|%s|%s|%s|%s|%d|%d|%d|%d|%s|%s|%s|%d",
+					sbw_rabbit_host, sbw_rabbit_port, sbw_rabbit_userid,
+					sbw_rabbit_password, sbw_rabbit_virtual_host,
+					sbw_rabbit_exchange_name, sbw_rabbit_event_queue_name,
+					sbw_rabbit_queue_type, sbw_rabbit_heartbeat,
+					sbw_rabbit_prefetch, sbw_rabbit_use_ssl,
+					sbw_rabbit_ssl_ca_file, sbw_rabbit_ssl_cert_file,
+					sbw_rabbit_ssl_key_file, sbw_rabbit_ssl_verify_peer);
+}
+
 /* Connect, with the current settings, to the next host. */
 static void
 sbw_connect(void)
@@ -478,18 +495,30 @@ sbw_consumer_main(Datum main_arg)
 
 		if (ConfigReloadPending)
 		{
+			char	   *before = sbw_broker_settings();
+			char	   *after;
+
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
-			/* new broker settings take effect at the next connection */
-			if (cs.link)
+			after = sbw_broker_settings();
+
+			/*
+			 * Reconnect only if the broker settings changed: a reconnection
+			 * hands the prefetched, unacknowledged deliveries back to the
+			 * queue, to come again flagged redelivered.
+			 */
+			if (strcmp(before, after) != 0)
 			{
-				ereport(LOG,
-						(errmsg("storyboard_worker consumer %d: configuration reloaded, reconnecting",
-								cs.worker_id)));
-				sbw_disconnect();
+				if (cs.link)
+				{
+					ereport(LOG,
+							(errmsg("storyboard_worker consumer %d: broker settings changed, reconnecting",
+									cs.worker_id)));
+					sbw_disconnect();
+				}
+				cs.failures = 0;
+				cs.backoff_until = 0;
 			}
-			cs.failures = 0;
-			cs.backoff_until = 0;
 			next_check = 0;
 		}
 

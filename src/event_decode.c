@@ -493,18 +493,17 @@ render_path(const SbwScan *s)
  * scan goes on, so that a body which is not JSON at all is always reported
  * as such, whatever it contains before the syntax error.
  */
-static bool
+static void
 content_error(SbwScan *s, int sqlstate, const char *what)
 {
 	char	   *path;
 
 	if (s->content_errmsg != NULL)
-		return true;
+		return;
 	path = render_path(s);
 	s->content_errmsg = psprintf("key \"%s\" %s", path, what);
 	s->content_sqlstate = sqlstate;
 	pfree(path);
-	return true;
 }
 
 /*
@@ -808,30 +807,28 @@ scan_string(SbwScan *s, SbwDecodeTarget *dt, SbwStrProblem *problem,
  * PostgreSQL's own SQLSTATE for "\u0000 cannot be converted to text";
  * a lone surrogate follows jsonb's (invalid text representation).
  */
-static bool
+static void
 report_string_problem(SbwScan *s, SbwStrProblem problem, uint32 unit,
 					  bool is_key)
 {
 	char	   *what;
-	bool		ok;
 
 	if (problem == SBW_STR_OK || !s->content_checks)
-		return true;
+		return;
 	if (problem == SBW_STR_NUL)
 	{
-		ok = content_error(s, ERRCODE_UNTRANSLATABLE_CHARACTER,
-						   is_key ?
-						   "has \\u0000 in its name, which PostgreSQL text and jsonb cannot store" :
-						   "contains \\u0000, which PostgreSQL text and jsonb cannot store");
-		return ok;
+		content_error(s, ERRCODE_UNTRANSLATABLE_CHARACTER,
+					  is_key ?
+					  "has \\u0000 in its name, which PostgreSQL text and jsonb cannot store" :
+					  "contains \\u0000, which PostgreSQL text and jsonb cannot store");
+		return;
 	}
 	what = psprintf(is_key ?
 					"has a lone UTF-16 surrogate \\u%04x in its name" :
 					"contains a lone UTF-16 surrogate \\u%04x",
 					unit);
-	ok = content_error(s, ERRCODE_INVALID_TEXT_REPRESENTATION, what);
+	content_error(s, ERRCODE_INVALID_TEXT_REPRESENTATION, what);
 	pfree(what);
-	return ok;
 }
 
 /*
@@ -940,12 +937,10 @@ scan_number(SbwScan *s)
 											   s->pos - start);
 			char	   *what = psprintf("is out of range for a 64-bit integer: %s",
 										num);
-			bool		ok = content_error(s, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
-										   what);
 
+			content_error(s, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE, what);
 			pfree(what);
 			pfree(num);
-			return ok;
 		}
 		return true;
 	}
@@ -993,12 +988,10 @@ scan_number(SbwScan *s)
 											   s->pos - start);
 			char	   *what = psprintf("is out of range for a jsonb number: %s",
 										num);
-			bool		ok = content_error(s, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
-										   what);
 
+			content_error(s, ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE, what);
 			pfree(what);
 			pfree(num);
-			return ok;
 		}
 		return true;
 	}
@@ -1124,8 +1117,7 @@ scan_object(SbwScan *s)
 		s->path[level - 1].key = (const char *) &s->buf[key_pos + 1];
 		s->path[level - 1].keylen = s->pos - key_pos - 2;
 		s->npath = level;
-		if (!report_string_problem(s, problem, unit, true))
-			return false;
+		report_string_problem(s, problem, unit, true);
 
 		if (top)
 		{
@@ -1247,7 +1239,8 @@ scan_value(SbwScan *s)
 
 				if (!scan_string(s, NULL, &problem, &unit))
 					return false;
-				return report_string_problem(s, problem, unit, false);
+				report_string_problem(s, problem, unit, false);
+				return true;
 			}
 		case 't':
 			return scan_literal(s, "true");

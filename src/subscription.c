@@ -65,6 +65,7 @@
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/numeric.h"
 
 #include "storyboard_worker.h"
@@ -89,10 +90,12 @@ typedef struct SbwSubEvent
 /*
  * A statement prepared once and kept for the life of the backend, together
  * with the StoryBoard tables it uses.  Their OIDs, as found through
- * search_path when the plan was prepared, are remembered: if a lookup now
- * finds other relations (tables recreated, another search_path), the plan is
+ * search_path when the plan was prepared, are remembered: if a lookup finds
+ * other relations (tables recreated, another search_path), the plan is
  * prepared again, because its text depends on the tables (the created_at
- * expression follows the column's type).
+ * expression follows the column's type).  The names are looked up again
+ * only after DDL (sbw_catalog_generation() moved) or when the search_path
+ * differs, not for every event.
  */
 #define SBW_SUB_MAX_TABLES	24
 #define SBW_SUB_MAX_ARGS	6
@@ -106,6 +109,9 @@ typedef struct SbwSubPlan
 	Oid			argtypes[SBW_SUB_MAX_ARGS];
 	SPIPlanPtr	plan;
 	Oid			relids[SBW_SUB_MAX_TABLES];
+	const char *created_at;		/* sbw_created_at_expr() when prepared */
+	uint64		generation;		/* sbw_catalog_generation() at lookup */
+	OverrideSearchPath *path;	/* search_path at lookup */
 } SbwSubPlan;
 
 /*
@@ -154,12 +160,19 @@ typedef struct SbwSubPlan
  * recipients: the story branch is subscription_get_all_subscriber_ids
  * ('story', $2): subscribers of the story, of its tasks, of those tasks'
  * projects and of those projects' groups; if the story is private, only
- * users who may see it.  The worklist branch is the worklist's subscribers.
- * Both branches run when both ids are set, and a user in both gets two rows,
- * as with StoryBoard's two handle_timeline_events() calls.
+ * users who may see it.  Differs from StoryBoard, whose whitelist is the
+ * users of story.permissions[0] only (no team members, and IndexError when
+ * the story has no permission), and which raises when the story row is
+ * missing (here: nobody).  The worklist branch is the worklist's
+ * subscribers.  Both branches run when both ids are set, and a user in both
+ * gets two rows, as with StoryBoard's two handle_timeline_events() calls.
+ *
+ * author_id is the author's users row id, NULL when there is none.  Differs
+ * from StoryBoard, where author.id raises for an unknown author.
  *
  * Then, per recipient, what handle_timeline_events() checks:
- *	- the users row exists;
+ *	- the users row exists (differs from StoryBoard, which raises for a
+ *	  subscription whose user_id names no user, losing the whole event);
  *	- for an event with a worklist_id, the preference
  *	  receive_notifications_worklists casts to the string 'true'
  *	  (UserPreference.cast_value: type 'bool' gives a Python bool, never
@@ -397,7 +410,10 @@ sbw_build_comment_sql(void)
 
 /*
  * handle_resources(): every subscriber of the project group ($1) gets the
- * event ($2, $3).  No expansion, no visibility rule, no preference.
+ * event ($2, $3).  No expansion, no visibility rule, no preference.  As for
+ * timeline events, author_id ($4) is NULL for an unknown author and
+ * subscriptions naming no users row are skipped (both differ from
+ * StoryBoard).
  */
 static char *
 sbw_build_project_group_sql(void)
@@ -415,7 +431,10 @@ sbw_build_project_group_sql(void)
 	return buf.data;
 }
 
-/* handle_deletions(), with an exact target_type. */
+/*
+ * handle_deletions(), with an exact target_type.  Differs from StoryBoard,
+ * which matches target_type LIKE '%<resource minus its last letter>%'.
+ */
 static char *
 sbw_build_deletion_sql(void)
 {
@@ -424,18 +443,24 @@ sbw_build_deletion_sql(void)
 }
 
 /*
- * Look up the plan's tables through search_path and return the plan,
- * preparing it first if needed.  Checking the tables by name on every call
- * costs a few syscache lookups and gives a clear error naming the missing
- * table; otherwise an old plan would report it by OID or not at all.
+ * Return the plan, after making sure that its tables are still the ones
+ * search_path finds, and preparing it (again) if not.  The names are
+ * resolved again only after DDL or a search_path change; a missing table
+ * is reported by name, with a hint, rather than by a stale plan.
  */
 static SPIPlanPtr
 sbw_get_plan(SbwSubPlan *sp)
 {
+	uint64		generation = sbw_catalog_generation();
 	Oid			relids[SBW_SUB_MAX_TABLES];
-	bool		same = (sp->plan != NULL);
+	bool		same;
 	int			i;
 
+	if (sp->plan != NULL && sp->generation == generation &&
+		sp->path != NULL && OverrideSearchPathMatchesCurrent(sp->path))
+		return sp->plan;
+
+	same = (sp->plan != NULL);
 	for (i = 0; sp->tables[i] != NULL; i++)
 	{
 		const char *name = sp->tables[i];
@@ -449,24 +474,26 @@ sbw_get_plan(SbwSubPlan *sp)
 					 errmsg("relation \"%s\" does not exist", name),
 					 errdetail("The subscription plugin needs StoryBoard's table \"%s\" and found none in search_path \"%s\".",
 							   name, namespace_search_path),
-					 errhint("Set the search_path of the role the workers run as to the schema holding StoryBoard's tables (ALTER ROLE ... SET search_path), or load StoryBoard's schema into this database.")));
+					 errhint("Put the schema holding StoryBoard's tables on the workers' search_path, e.g. ALTER DATABASE ... SET search_path = storyboard, public, or load StoryBoard's schema into this database.")));
 		if (relids[i] != sp->relids[i])
 			same = false;
 	}
 
-	if (same)
-		return sp->plan;
+	/* The INSERTs' text depends on the type of created_at, too. */
+	if (sbw_created_at_expr() != sp->created_at)
+		same = false;
 
-	if (sp->plan != NULL)
+	if (!same)
 	{
-		SPI_freeplan(sp->plan);
-		sp->plan = NULL;
-	}
-
-	{
-		char	   *sql = sp->build_sql();
+		char	   *sql;
 		SPIPlanPtr	plan;
 
+		if (sp->plan != NULL)
+		{
+			SPI_freeplan(sp->plan);
+			sp->plan = NULL;
+		}
+		sql = sp->build_sql();
 		plan = SPI_prepare(sql, sp->nargs, sp->argtypes);
 		if (plan == NULL)
 			elog(ERROR, "could not prepare the subscription plugin's %s statement: %s",
@@ -476,8 +503,17 @@ sbw_get_plan(SbwSubPlan *sp)
 				 sp->name);
 		sp->plan = plan;
 		memcpy(sp->relids, relids, sizeof(Oid) * i);
+		sp->created_at = sbw_created_at_expr();
 		pfree(sql);
 	}
+
+	if (sp->path != NULL)
+	{
+		list_free(sp->path->schemas);
+		pfree(sp->path);
+	}
+	sp->path = GetOverrideSearchPath(TopMemoryContext);
+	sp->generation = generation;
 	return sp->plan;
 }
 
@@ -603,11 +639,13 @@ static void
 sbw_append_py_json_string(StringInfo buf, const char *s)
 {
 	const unsigned char *p;
+	const unsigned char *end;
 
 	p = (const unsigned char *) pg_server_to_any(s, strlen(s), PG_UTF8);
+	end = p + strlen((const char *) p);
 
 	appendStringInfoChar(buf, '"');
-	while (*p)
+	while (p < end)
 	{
 		pg_wchar	c;
 		int			len;
@@ -620,7 +658,14 @@ sbw_append_py_json_string(StringInfo buf, const char *s)
 		else
 		{
 			len = pg_utf_mblen(p);
-			c = utf8_to_unicode(p);
+			if (len <= end - p && pg_utf8_islegal(p, len))
+				c = utf8_to_unicode(p);
+			else
+			{
+				/* not UTF-8 (SQL_ASCII database): one byte, as Latin-1 */
+				c = *p;
+				len = 1;
+			}
 		}
 		p += len;
 
@@ -665,16 +710,14 @@ sbw_append_py_json_string(StringInfo buf, const char *s)
 	appendStringInfoChar(buf, '"');
 }
 
-/* A Python json.dumps() value: the string, or null for None. */
+/* A Python json.dumps() str or None: the JSON string, or null. */
 static void
-sbw_append_py_json_value(StringInfo buf, const char *s, bool quote)
+sbw_append_py_json_text(StringInfo buf, const char *s)
 {
 	if (s == NULL)
 		appendStringInfoString(buf, "null");
-	else if (quote)
-		sbw_append_py_json_string(buf, s);
 	else
-		appendStringInfoString(buf, s);
+		sbw_append_py_json_string(buf, s);
 }
 
 /*
@@ -724,11 +767,11 @@ sbw_comment_event_info(int64 event_id, bool has_comment, int64 comment_id)
 	appendStringInfoString(&buf, "{\"comment_id\": ");
 	appendStringInfoString(&buf, cid);
 	appendStringInfoString(&buf, ", \"comment_content\": ");
-	sbw_append_py_json_value(&buf, content, true);
+	sbw_append_py_json_text(&buf, content);
 	appendStringInfoString(&buf, ", \"story_id\": ");
 	appendStringInfoString(&buf, sid);
 	appendStringInfoString(&buf, ", \"story_title\": ");
-	sbw_append_py_json_value(&buf, title, true);
+	sbw_append_py_json_text(&buf, title);
 	appendStringInfoChar(&buf, '}');
 	return buf.data;
 }

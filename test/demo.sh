@@ -34,7 +34,8 @@ fi
 
 # shellcheck source=test/services.sh
 . "$ROOT/test/services.sh"
-export SVC_DIR=$(mktemp -d /tmp/sbw-demo.XXXXXX)
+SVC_DIR=$(mktemp -d /tmp/sbw-demo.XXXXXX)
+export SVC_DIR
 KEEP=${DEMO_KEEP:-0}
 on_exit() {
 	local rc=$?
@@ -51,8 +52,10 @@ svc_init
 rmq_launch
 
 step "building storyboard_worker"
-make -s -j2 PG_CONFIG="$PG_CONFIG" >"$SVC_DIR/build.log" 2>&1 && make -s install PG_CONFIG="$PG_CONFIG" >>"$SVC_DIR/build.log" 2>&1 ||
-	{ tail -40 "$SVC_DIR/build.log" >&2; exit 1; }
+if ! { make -s -j2 PG_CONFIG="$PG_CONFIG" && make -s install PG_CONFIG="$PG_CONFIG"; } >"$SVC_DIR/build.log" 2>&1; then
+	tail -40 "$SVC_DIR/build.log" >&2
+	exit 1
+fi
 echo "installed into $($PG_CONFIG --pkglibdir)"
 
 step "starting RabbitMQ and PostgreSQL"

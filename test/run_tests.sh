@@ -53,7 +53,8 @@ fi
 # ------------------------------------------------------------------ services
 # shellcheck source=test/services.sh
 . "$ROOT/test/services.sh"
-export SVC_DIR=$(mktemp -d /tmp/sbw-test.XXXXXX)
+SVC_DIR=$(mktemp -d /tmp/sbw-test.XXXXXX)
+export SVC_DIR
 on_exit() {
 	local rc=$?
 	set +e

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # test/services.sh: throw-away PostgreSQL 15 and RabbitMQ for tests and the demo.
 #
 # Two ways to use it:
@@ -241,7 +242,7 @@ rmq_stop_broker() {   # stop the broker but keep epmd
 	kill -TERM "$RMQ_PID" 2>/dev/null || true
 	if [ -n "$b" ]; then _wait_gone "$b" 60 || kill -KILL "$b" 2>/dev/null || true; fi
 	_wait_gone "$RMQ_PID" 10 || echo "rmq wrapper $RMQ_PID still alive" >&2
-	RMQ_PID= RMQ_BEAM_PID=
+	RMQ_PID='' RMQ_BEAM_PID=''
 	svc_save
 }
 rmq_kill() {   # SIGKILL beam.smp: a crash; the wrapper exits after it
@@ -250,7 +251,7 @@ rmq_kill() {   # SIGKILL beam.smp: a crash; the wrapper exits after it
 	b=$(_rmq_beam_pid)
 	if [ -n "$b" ]; then kill -KILL "$b" 2>/dev/null || true; _wait_gone "$b" 20 || true; fi
 	_wait_gone "$RMQ_PID" 10 || { kill -TERM "$RMQ_PID" 2>/dev/null || true; _wait_gone "$RMQ_PID" 5 || true; }
-	RMQ_PID= RMQ_BEAM_PID=
+	RMQ_PID='' RMQ_BEAM_PID=''
 	svc_save
 }
 rmq_stop() {   # broker and epmd

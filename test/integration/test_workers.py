@@ -4,6 +4,7 @@ pg_terminate_backend, and not getting in the way of DROP DATABASE."""
 import time
 
 import psycopg2
+import pytest
 
 import sbw
 from sbw import wait_for
@@ -109,3 +110,11 @@ def test_drop_database_not_blocked(cluster):
     cluster.execute('CREATE DATABASE "%s"' % other, db="postgres")
     cluster.execute('DROP DATABASE "%s"' % other, db="postgres")
     cluster.wait_consuming(timeout=10)
+
+
+def test_unrelated_reload_keeps_broker_connections(cluster):
+    before = {s["pid"]: s["connected_since"] for s in cluster.stats()}
+    cluster.set_gucs(**{"work_mem": "5MB"})     # nothing to do with the workers
+    time.sleep(2)
+    after = {s["pid"]: s["connected_since"] for s in cluster.stats()}
+    assert after == before, "connections reopened by an unrelated reload: %r -> %r" % (before, after)

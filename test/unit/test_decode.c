@@ -17,6 +17,7 @@
 #include <stdlib.h>
 
 #include "utils/errcodes.h"
+#include "utils/memutils.h"
 
 #include "event_decode.h"
 #include "pg_stubs.h"
@@ -443,6 +444,14 @@ test_errors(void)
 					 "message body of 613 bytes exceeds storyboard_worker.max_message_bytes (100)");
 	expect_error("empty body", "", ERRCODE_INVALID_TEXT_REPRESENTATION,
 				 "message body is empty");
+	expect_error_len("NULL body of length 0", NULL, 0, 0,
+					 ERRCODE_INVALID_TEXT_REPRESENTATION, "message body is empty");
+	expect_error_len("NULL body of length 5", NULL, 5, 0, ERRCODE_INTERNAL_ERROR,
+					 "internal error in the event decoder: message body pointer is NULL");
+	/* refused on the length alone: the decoder reads none of the bytes */
+	expect_error_len("hard limit with max_message_bytes = 0", "{}",
+					 (size_t) MaxAllocSize, 0, ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+					 "message body of 1073741823 bytes exceeds the decoder's limit of 1073741822 bytes");
 	expect_error("whitespace body", " \n ", ERRCODE_INVALID_TEXT_REPRESENTATION,
 				 "message body contains only whitespace");
 

@@ -1,0 +1,721 @@
+#!/usr/bin/python3
+"""bench/bench.py: every measurement of the storyboard_worker benchmark.
+
+Run by bench/run.sh once PostgreSQL (preloading storyboard_worker, fsync and
+synchronous_commit on) and RabbitMQ are up; it needs PGHOST, PGPORT, PGUSER,
+AMQP_URL and BENCH_OUT (a scratch directory) in the environment, and writes
+$BENCH_RESULTS (JSON).  bench/report.py turns that into BENCHMARKS.md and
+bench/throughput.png.
+
+What is measured, for each worker_count W of $BENCH_WORKERS:
+  amqp      the AMQP ceiling: N pre-published StoryBoard bodies consumed by W
+            connections (basic.consume, prefetch 100, one basic.ack each) by
+            bench/amqp_ceiling;
+  pgbench   the database ceiling: pgbench -c W -j W running the SQL the
+            plugin runs per event, one event per transaction, for each
+            workload (noop: the plugin's INSERT; subscription: the plugin's
+            statements, captured from the running plugin with auto_explain);
+  ext       storyboard_worker end to end: N events pre-loaded into the queue,
+            then storyboard_worker.enable_notifications turned on; the time
+            from that pg_reload_conf() to the last event's commit, and the
+            steady rate from the first event's commit to the last one's;
+  baseline  bench/storyboard_baseline.py (StoryBoard's worker re-created)
+            with W processes on the same pre-loaded messages.
+Then, at the best W: publish-to-commit latency with messages published at
+half the peak rate, and idle CPU and wake-ups of the consumers with an empty
+queue; resident memory of every consumer is sampled during every run.
+"""
+
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import psycopg2
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "test"))
+
+PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
+PY = "/usr/bin/python3"
+OUT = os.environ["BENCH_OUT"]
+AMQP_URL = os.environ["AMQP_URL"]
+AMQP_TOOL = os.environ.get("BENCH_AMQP_TOOL", os.path.join(OUT, "amqp_ceiling"))
+EXCHANGE = "storyboard"
+QUEUE = "storyboard_events"
+DB = "storyboard"
+PREFETCH = 100          # storyboard_worker.rabbit_prefetch's default
+
+
+def env_int(name, default):
+    return int(os.environ.get(name, default))
+
+
+CFG = {
+    "events": env_int("BENCH_EVENTS", 20000),
+    "sub_events": env_int("BENCH_SUB_EVENTS", 0) or None,
+    "workers": [int(w) for w in os.environ.get("BENCH_WORKERS", "1 2 4 8").split()],
+    "pgbench_secs": env_int("BENCH_PGBENCH_SECS", 10),
+    "latency_secs": env_int("BENCH_LATENCY_SECS", 15),
+    "idle_secs": env_int("BENCH_IDLE_SECS", 10),
+    "baseline_events": env_int("BENCH_BASELINE_EVENTS", 3000),
+    "baseline_secs": env_int("BENCH_BASELINE_SECS", 15),
+    "stories": env_int("BENCH_STORIES", 5000),
+    "users": env_int("BENCH_USERS", 2000),
+    "projects": env_int("BENCH_PROJECTS", 200),
+    "groups": env_int("BENCH_GROUPS", 20),
+    "workloads": os.environ.get("BENCH_WORKLOADS", "noop subscription").split(),
+}
+if CFG["sub_events"] is None:
+    CFG["sub_events"] = max(1000, CFG["events"] // 2)
+CFG["pool"] = max(CFG["events"], CFG["sub_events"], CFG["baseline_events"])
+
+RESULTS = {"config": CFG, "runs": [], "notes": []}
+
+
+def log(msg):
+    print("[bench %s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
+
+
+def save():
+    with open(os.environ["BENCH_RESULTS"], "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+
+
+# ---------------------------------------------------------------- database helpers
+def connect(dbname=DB):
+    c = psycopg2.connect(dbname=dbname)
+    c.autocommit = True
+    return c
+
+
+def q(conn, sql, args=None):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchall() if cur.description else None
+
+
+def q1(conn, sql, args=None):
+    rows = q(conn, sql, args)
+    return rows[0] if rows else None
+
+
+def psql(args, dbname=DB, **kw):
+    return subprocess.run([os.path.join(PGBIN, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                           "-d", dbname] + args, check=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kw)
+
+
+def set_conf(conn, **settings):
+    for k, v in settings.items():
+        q(conn, "ALTER SYSTEM SET storyboard_worker.%s = %%s" % k, (str(v),))
+    q(conn, "SELECT pg_reload_conf()")
+
+
+def consumers(conn):
+    return q(conn, "SELECT worker_id, pid, state, messages_processed, messages_dead_lettered,"
+                   " last_error FROM storyboard_worker.stats ORDER BY worker_id")
+
+
+def wait_consumers(conn, n, state, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = consumers(conn)
+        if len(rows) == n and all(r[2] == state for r in rows):
+            return rows
+        time.sleep(0.05)
+    raise RuntimeError("expected %d consumers %s, have %r" % (n, state, consumers(conn)))
+
+
+def launcher_pid(conn):
+    r = q1(conn, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'storyboard_worker launcher'")
+    return r[0] if r else None
+
+
+# ---------------------------------------------------------------- /proc
+def proc_mem(pid):
+    """RssAnon and VmRSS from status, Pss and Anonymous from smaps_rollup (kB)."""
+    out = {}
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "RssAnon", "RssShmem"):
+                    out[k] = int(v.split()[0])
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("Pss", "Anonymous"):
+                    out[k] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def proc_cpu(pid):
+    """(utime+stime ticks, voluntary+involuntary context switches)"""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    ctx = 0
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                ctx += int(line.split()[1])
+    return ticks, ctx
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+# ---------------------------------------------------------------- broker helpers
+def amqp(*args, check=True):
+    p = subprocess.run([AMQP_TOOL] + [str(a) for a in args], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError("amqp_ceiling %s failed: %s" % (args[0], p.stderr.strip()))
+    return json.loads(p.stdout)
+
+
+def purge():
+    amqp("declare", AMQP_URL, EXCHANGE, QUEUE)
+
+
+def preload(n, path):
+    """Empty the queue, then publish n messages with confirms; check they are all there."""
+    purge()
+    res = amqp("publish", AMQP_URL, EXCHANGE, path, n)
+    ready = amqp("count", AMQP_URL, QUEUE)["messages"]
+    if ready != n:
+        raise RuntimeError("queue holds %d messages, expected %d" % (ready, n))
+    return res
+
+
+# ---------------------------------------------------------------- setup
+def setup_database():
+    pg = connect("postgres")
+    q(pg, "DROP DATABASE IF EXISTS %s WITH (FORCE)" % DB)
+    q(pg, "CREATE DATABASE %s" % DB)
+    pg.close()
+    schema = os.path.join(ROOT, "test", "fixtures", "storyboard_schema.sql")
+    if os.path.exists(schema):
+        RESULTS["schema"] = "test/fixtures/storyboard_schema.sql"
+    else:
+        schema = os.path.join(HERE, "storyboard_schema.sql")
+        RESULTS["schema"] = "bench/storyboard_schema.sql"
+    log("loading StoryBoard's schema from %s" % RESULTS["schema"])
+    psql(["-f", schema])
+    t0 = time.time()
+    psql(["-v", "stories=%d" % CFG["stories"], "-v", "users=%d" % CFG["users"],
+          "-v", "projects=%d" % CFG["projects"], "-v", "groups=%d" % CFG["groups"],
+          "-v", "events=%d" % CFG["pool"], "-f", os.path.join(HERE, "dataset.sql")])
+    conn = connect()
+    counts = {}
+    for t in ("users", "projects", "project_groups", "stories", "tasks", "subscriptions",
+              "events", "comments", "story_permissions"):
+        counts[t] = q1(conn, "SELECT count(*) FROM %s" % t)[0]
+    counts["subscribers_per_story"] = float(q1(conn, """
+        SELECT avg(n) FROM (SELECT s.id, count(DISTINCT sub.user_id) n FROM stories s
+          JOIN LATERAL (SELECT 'story'::text tt, s.id tid UNION ALL SELECT 'task', t.id FROM tasks t WHERE t.story_id = s.id
+                UNION ALL SELECT 'project', t.project_id FROM tasks t WHERE t.story_id = s.id
+                UNION ALL SELECT 'project_group', m.project_group_id FROM tasks t
+                          JOIN project_group_mapping m ON m.project_id = t.project_id WHERE t.story_id = s.id) x ON true
+          JOIN subscriptions sub ON sub.target_type::text = x.tt AND sub.target_id = x.tid
+         GROUP BY s.id) y""")[0])
+    RESULTS["dataset"] = counts
+    log("dataset generated in %.1f s: %s" % (time.time() - t0, counts))
+    q(conn, "CREATE EXTENSION storyboard_worker")
+    psql(["-f", os.path.join(HERE, "bench_objects.sql")])
+    return conn
+
+
+def write_messages(conn):
+    """One timeline_event message per events row of the pool, as StoryBoard publishes them."""
+    try:
+        from publish import timeline_event, encode      # test/publish.py
+    except ImportError:
+        timeline_event = None
+    rows = q(conn, "SELECT id, created_at, story_id, comment_id, author_id, event_type, event_info"
+                   " FROM events WHERE id <= %s ORDER BY id", (CFG["pool"],))
+    path = os.path.join(OUT, "timeline_events.txt")
+    sizes = []
+    with open(path, "w") as f:
+        for (eid, created, sid, cid, author, etype, info) in rows:
+            if etype == "user_comment":
+                api = "/v1/stories/%d/comments" % sid
+            elif etype.startswith("task"):
+                api = "/v1/tasks/%d" % (3 * (sid - 1) + 1)
+            else:
+                api = "/v1/stories/%d" % sid
+            created = created.replace(tzinfo=datetime.timezone.utc).isoformat()
+            if timeline_event is not None:
+                body = timeline_event(eid, etype, path=api, author_id=author,
+                                      status=201 if etype == "user_comment" else 200,
+                                      story_id=sid, comment_id=cid, created_at=created)
+            else:
+                body = {"author_id": author, "method": "POST", "url": "https://storyboard.example.org/",
+                        "path": api, "query_string": None, "status": 200, "resource": "timeline_event",
+                        "resource_id": eid, "sub_resource": None, "sub_resource_id": None,
+                        "resource_before": None,
+                        "resource_after": {"id": eid, "created_at": created, "updated_at": None,
+                                           "event_type": etype, "event_info": None, "story_id": sid,
+                                           "worklist_id": None, "board_id": None,
+                                           "author_id": author, "comment_id": cid}}
+            body["resource_after"]["event_info"] = info
+            # the publish time, written by amqp_ceiling just before basic.publish
+            body["resource_after"]["bench_published_us"] = "0" * 16
+            text = json.dumps(body, ensure_ascii=False)
+            sizes.append(len(text.encode()))
+            f.write("timeline_event\t" + text + "\n")
+    RESULTS["message_bytes"] = {"min": min(sizes), "avg": sum(sizes) / len(sizes), "max": max(sizes)}
+    return path
+
+
+# ---------------------------------------------------------------- pgbench scripts
+def plan_param_types(plan_var):
+    """The parameter types a prepared statement of src/subscription.c declares."""
+    names = {"INT8OID": "bigint", "INT4OID": "integer", "TEXTOID": "text", "BOOLOID": "boolean",
+             "JSONBOID": "jsonb", "TIMESTAMPTZOID": "timestamptz"}
+    src = open(os.path.join(ROOT, "src", "subscription.c")).read()
+    m = re.search(r"static SbwSubPlan %s = \{[^{]*?(\d+),\s*\{([^}]*)\}" % plan_var, src, re.S)
+    if not m:
+        raise RuntimeError("cannot find %s in src/subscription.c" % plan_var)
+    types = [names[t.strip()] for t in m.group(2).split(",") if t.strip()]
+    assert len(types) == int(m.group(1))
+    return types
+
+
+def capture_statements(conn, path):
+    """Run a user_comment and a task event through storyboard_worker.process_event() with
+    auto_explain logging nested statements to this session, and keep the texts (and
+    plans) of the subscription plugin's statements."""
+    lines = open(path).read().splitlines()
+    samples = {}
+    for line in lines:
+        body = json.loads(line.split("\t", 1)[1])
+        et = body["resource_after"]["event_type"]
+        kind = "comment" if et == "user_comment" else "task"
+        samples.setdefault(kind, line.split("\t", 1)[1])
+        if len(samples) == 2:
+            break
+    c = psycopg2.connect(dbname=DB)
+    c.autocommit = True
+    c.notices = []
+    captured = {}
+    with c.cursor() as cur:
+        cur.execute("LOAD 'auto_explain'")
+        cur.execute("SET auto_explain.log_min_duration = 0")
+        cur.execute("SET auto_explain.log_nested_statements = on")
+        cur.execute("SET auto_explain.log_analyze = on")
+        cur.execute("SET auto_explain.log_buffers = on")
+        cur.execute("SET auto_explain.log_format = 'json'")
+        cur.execute("SET client_min_messages = log")
+        for kind, body in samples.items():
+            # twice: the second run shows the cached plan
+            for attempt in range(2):
+                del c.notices[:]
+                cur.execute("BEGIN")
+                cur.execute("SELECT plugin, succeeded, error FROM storyboard_worker.process_event(%s, 'timeline_event')",
+                            (body,))
+                res = cur.fetchall()
+                cur.execute("ROLLBACK")
+                if not all(r[1] for r in res):
+                    raise RuntimeError("process_event failed: %r" % res)
+            for n in c.notices:
+                j = n[n.find("{"):]
+                try:
+                    doc = json.loads(j)
+                except ValueError:
+                    continue
+                text = doc.get("Query Text", "")
+                if "INSERT INTO subscription_events" in text:
+                    captured["timeline"] = {"sql": text, "plan": doc}
+                elif re.search(r"\bcomments\b", text) and "storyboard_worker" not in text:
+                    captured["comment"] = {"sql": text, "plan": doc}
+                elif "to_jsonb(u)" in text:
+                    captured["author"] = {"sql": text, "plan": doc}
+    c.close()
+    if "timeline" not in captured or "comment" not in captured:
+        raise RuntimeError("could not capture the subscription plugin's statements (have %s)"
+                           % sorted(captured))
+    return captured
+
+
+def to_pgbench(sql, types, exprs):
+    """Replace $n by a pgbench variable expression of the declared type."""
+    def rep(m):
+        i = int(m.group(1))
+        return exprs.get(i, "(:p%d)::%s" % (i, types[i - 1]))
+    out = re.sub(r"\$(\d+)(?!\d)", rep, sql)
+    return " ".join(out.split())
+
+
+def write_pgbench_scripts(captured):
+    S, E = CFG["stories"], CFG["pool"]
+    blocks = E // 10
+    scripts = {}
+    # noop: the INSERT of bench.noop_plugin
+    p = os.path.join(OUT, "noop.pgbench")
+    with open(p, "w") as f:
+        f.write("\\set p1 random(1, 1000000)\n"
+                "\\set p2 random(1, 1000000000)\n"
+                "INSERT INTO bench.noop_events (resource_id, published_us) VALUES (:p1, :p2);\n")
+    scripts["noop"] = ["-f", p]
+
+    tl_types = plan_param_types("sbw_timeline_plan")
+    cm_types = plan_param_types("sbw_comment_plan")
+    tl_exprs = {3: "NULLIF((:p3)::bigint, 0)"}      # worklist_id: NULL for story events
+    timeline = to_pgbench(captured["timeline"]["sql"], tl_types, tl_exprs)
+    comment = to_pgbench(captured["comment"]["sql"], cm_types, {})
+    # event id -> story id and author: as bench/dataset.sql made them
+    head = ("\\set p2 ((:p1 * 7919) %% %d) + 1\n" % S +
+            "\\set p6 1 + (:p1 * 13) %% %d\n" % CFG["users"] +
+            "\\set p3 0\n")
+    p_t = os.path.join(OUT, "subscription_task.pgbench")
+    with open(p_t, "w") as f:
+        f.write("\\set k random(0, %d)\n" % (blocks - 1))
+        f.write("\\set p1 10 * :k + 4 + random(0, 6)\n")
+        f.write(head)
+        f.write(timeline + ";\n")
+    p_c = os.path.join(OUT, "subscription_comment.pgbench")
+    with open(p_c, "w") as f:
+        f.write("\\set k random(0, %d)\n" % (blocks - 1))
+        f.write("\\set p1 10 * :k + 1 + random(0, 2)\n")
+        f.write(head)
+        f.write("BEGIN;\n")
+        f.write(to_pgbench(captured["comment"]["sql"], cm_types, {2: "(:p1)::bigint"}) + ";\n")
+        f.write(timeline.replace("(:p4)::text", "(:ctype)::text")
+                        .replace("(:p5)::text", "(:cinfo)::text") + ";\n")
+        f.write("END;\n")
+    RESULTS["pgbench_scripts"] = {"noop": open(p).read(), "subscription_task": open(p_t).read(),
+                                  "subscription_comment": open(p_c).read()}
+    scripts["subscription"] = [
+        "-f", p_t + "@7", "-f", p_c + "@3",
+        "-D", "p4=task_status_changed", "-D", "ctype=user_comment",
+        "-D", 'p5={"story_id": 1, "task_id": 1, "task_title": "Task 1 of story 1", "old_status": "todo", "new_status": "inprogress"}',
+        "-D", 'cinfo={"comment_id": 1, "comment_content": "Comment 1: looks good to me, \\u201c\\u00fc\\u201d c4ca4238a0b923820dcc509a6f75849b", "story_id": 7920, "story_title": "Story 7920: 1f1b2b7ef3d7d95c5e5f2a2aa4b22d1d"}',
+    ]
+    return scripts
+
+
+# ---------------------------------------------------------------- workloads
+def use_plugins(conn, names):
+    """Register exactly these plugins, in this order."""
+    for (n,) in q(conn, "SELECT name FROM storyboard_worker.plugins"):
+        q(conn, "SELECT storyboard_worker.unregister_plugin(%s)", (n,))
+    for n in names:
+        fn = {"subscription": "storyboard_worker.subscription_handler(storyboard_worker.event)",
+              "noop": "bench.noop_plugin(storyboard_worker.event)",
+              "probe": "bench.noop_plugin(storyboard_worker.event)"}[n]
+        q(conn, "SELECT storyboard_worker.register_plugin(%s, %s)", (n, fn))
+
+
+def reset_tables(conn):
+    q(conn, "TRUNCATE bench.noop_events, subscription_events, storyboard_worker.dead_letters,"
+            " storyboard_worker.ledger")
+    q(conn, "CHECKPOINT")
+
+
+def commit_span(conn, workload):
+    """(first, last) commit time as epoch seconds and the row count of the workload's table."""
+    if workload == "noop":
+        r = q1(conn, "SELECT extract(epoch FROM min(committed_at)), extract(epoch FROM max(committed_at)),"
+                     " count(*) FROM bench.noop_events")
+    else:
+        typ = q1(conn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+                       " WHERE attrelid = 'subscription_events'::regclass AND attname = 'created_at'")[0]
+        expr = "created_at" if typ.startswith("timestamp with") else "created_at AT TIME ZONE 'UTC'"
+        r = q1(conn, "SELECT extract(epoch FROM min(%s)), extract(epoch FROM max(%s)), count(*)"
+                     " FROM subscription_events" % (expr, expr))
+    return (float(r[0]) if r[0] is not None else None,
+            float(r[1]) if r[1] is not None else None, r[2])
+
+
+def ext_run(conn, workload, w, n, path, plugins):
+    """storyboard_worker end to end on n pre-loaded events with w consumers."""
+    log("ext %s W=%d: %d events" % (workload, w, n))
+    set_conf(conn, enable_notifications="off", worker_count=w)
+    rows = wait_consumers(conn, w, "idle")
+    use_plugins(conn, plugins)
+    reset_tables(conn)
+    pub = preload(n, path)
+    pids = [r[1] for r in rows]
+    base = sum(r[3] for r in rows)
+    mem = {pid: [proc_mem(pid)] for pid in pids}
+    load0 = loadavg()
+    t_enable = time.time()
+    set_conf(conn, enable_notifications="on")
+    deadline = t_enable + max(120, n / 20.0)
+    t_next_mem = t_enable + 0.5
+    done = 0
+    while time.time() < deadline:
+        rows = consumers(conn)
+        done = sum(r[3] for r in rows) - base
+        if done >= n:
+            break
+        if time.time() >= t_next_mem:
+            for pid in pids:
+                mem[pid].append(proc_mem(pid))
+            t_next_mem += 0.5
+        time.sleep(0.02)
+    t_seen = time.time()
+    for pid in pids:
+        mem[pid].append(proc_mem(pid))
+    set_conf(conn, enable_notifications="off")
+    rows_after = wait_consumers(conn, w, "idle")
+    first, last, nrows = commit_span(conn, workload)
+    dead = q1(conn, "SELECT count(*) FROM storyboard_worker.dead_letters")[0]
+    run = {"kind": "ext", "workload": workload, "workers": w, "events": n, "processed": done,
+           "t_enable": t_enable, "first_commit": first, "last_commit": last, "rows": nrows,
+           "dead_letters": dead, "publish": pub, "loadavg_before": load0,
+           "pids": pids, "pids_after": [r[1] for r in rows_after],
+           "last_errors": [r[5] for r in rows_after if r[5]],
+           "memory": {str(k): v for k, v in mem.items()}}
+    if done < n:
+        run["error"] = "only %d of %d events processed in %.0f s" % (done, n, t_seen - t_enable)
+        purge()
+    elif last is not None:
+        run["seconds"] = last - t_enable
+        run["rate"] = n / (last - t_enable)
+        run["steady_rate"] = (n - 1) / (last - first) if last > first else None
+    if dead:
+        run["dead_letter_errors"] = q(conn, "SELECT plugin, error, count(*) FROM storyboard_worker.dead_letters"
+                                            " GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 5")
+    log("  -> %s" % ({k: run.get(k) for k in ("rate", "steady_rate", "dead_letters", "error")}))
+    RESULTS["runs"].append(run)
+    save()
+    return run
+
+
+def amqp_run(w, n, path):
+    log("amqp ceiling W=%d: %d messages" % (w, n))
+    pub = preload(n, path)
+    res = amqp("consume", AMQP_URL, QUEUE, n, w, PREFETCH)
+    run = {"kind": "amqp", "workload": "any", "workers": w, "events": n, "publish": pub,
+           "rate": res["rate"], "rate_from_start": res["rate_from_start"], "detail": res}
+    log("  -> %.0f msg/s (publish %.0f msg/s)" % (res["rate"], pub["rate"]))
+    RESULTS["runs"].append(run)
+    save()
+    return run
+
+
+def pgbench_run(conn, workload, w, script_args):
+    log("pgbench %s -c %d -j %d -T %d" % (workload, w, w, CFG["pgbench_secs"]))
+    reset_tables(conn)
+    cmd = [os.path.join(PGBIN, "pgbench"), "-n", "-M", "prepared", "-c", str(w), "-j", str(w),
+           "-T", str(CFG["pgbench_secs"])] + script_args + [DB]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", p.stdout)
+    lat = re.search(r"latency average = ([\d.]+) ms", p.stdout)
+    failed = re.search(r"number of failed transactions: (\d+)", p.stdout)
+    run = {"kind": "pgbench", "workload": workload, "workers": w, "seconds": CFG["pgbench_secs"],
+           "rate": float(m.group(1)) if m else None,
+           "latency_ms": float(lat.group(1)) if lat else None,
+           "failed": int(failed.group(1)) if failed else None}
+    if workload == "subscription":
+        run["rows_per_txn"] = None
+        cnt = q1(conn, "SELECT count(*) FROM subscription_events")[0]
+        tx = re.search(r"number of transactions actually processed: (\d+)", p.stdout)
+        if tx and int(tx.group(1)):
+            run["rows_per_txn"] = cnt / int(tx.group(1))
+    if p.returncode != 0 or m is None:
+        run["error"] = (p.stderr or p.stdout)[-2000:]
+    log("  -> %s tps%s" % (run["rate"], " ERROR " + run["error"][-300:] if "error" in run else ""))
+    RESULTS["runs"].append(run)
+    save()
+    return run
+
+
+def baseline_run(conn, workload, w, path):
+    n = CFG["baseline_events"]
+    log("baseline %s W=%d: up to %d events / %d s" % (workload, w, n, CFG["baseline_secs"]))
+    set_conf(conn, enable_notifications="off")
+    reset_tables(conn)
+    pub = preload(n, path)
+    p = subprocess.run([PY, os.path.join(HERE, "storyboard_baseline.py"), "run", "--url", AMQP_URL,
+                        "--dsn", "dbname=%s" % DB, "--workload", workload, "--workers", str(w),
+                        "--expect", str(n), "--max-seconds", str(CFG["baseline_secs"])],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    purge()
+    if p.returncode != 0:
+        run = {"kind": "baseline", "workload": workload, "workers": w, "error": p.stderr[-2000:]}
+    else:
+        res = json.loads(p.stdout)
+        run = {"kind": "baseline", "workload": workload, "workers": w, "events": n,
+               "processed": res["processed"], "rate": res.get("rate"),
+               "rate_from_start": res.get("rate_from_start"), "errors": res["errors"],
+               "timed_out": res["timed_out"], "publish": pub, "detail": res}
+        if workload == "noop":
+            run["rows"] = q1(conn, "SELECT count(*) FROM bench.noop_events")[0]
+        else:
+            run["rows"] = q1(conn, "SELECT count(*) FROM subscription_events")[0]
+        if p.stderr.strip():
+            run["stderr"] = p.stderr[-1000:]
+    log("  -> %s" % ({k: run.get(k) for k in ("rate", "processed", "errors", "error")}))
+    RESULTS["runs"].append(run)
+    save()
+    return run
+
+
+def latency_run(conn, workload, w, rate, path, plugins):
+    """Publish at `rate` msg/s for latency_secs with w consumers already consuming; the
+    no-op plugin (alone, or after subscription as a probe) records commit-side time."""
+    n = max(100, int(rate * CFG["latency_secs"]))
+    log("latency %s W=%d: %d events at %.0f msg/s" % (workload, w, n, rate))
+    set_conf(conn, enable_notifications="off", worker_count=w)
+    wait_consumers(conn, w, "idle")
+    use_plugins(conn, plugins)
+    reset_tables(conn)
+    purge()
+    set_conf(conn, enable_notifications="on")
+    rows = wait_consumers(conn, w, "consuming")
+    base = sum(r[3] for r in rows)
+    time.sleep(0.5)
+    pub = amqp("publish", AMQP_URL, EXCHANGE, path, n, "%.3f" % rate)
+    deadline = time.time() + 60
+    while time.time() < deadline and sum(r[3] for r in consumers(conn)) - base < n:
+        time.sleep(0.05)
+    r = q1(conn, """
+        SELECT count(*),
+               percentile_cont(ARRAY[0.5, 0.9, 0.99, 0.999]) WITHIN GROUP (ORDER BY l),
+               max(l), avg(l)
+          FROM (SELECT (extract(epoch FROM committed_at) * 1e6 - published_us) / 1000.0 AS l
+                  FROM bench.noop_events) x""")
+    set_conf(conn, enable_notifications="off")
+    wait_consumers(conn, w, "idle")
+    run = {"kind": "latency", "workload": workload, "workers": w, "target_rate": rate,
+           "events": n, "publish": pub, "measured": r[0],
+           "p50_ms": r[1][0], "p90_ms": r[1][1], "p99_ms": r[1][2], "p999_ms": r[1][3],
+           "max_ms": r[2], "avg_ms": r[3]}
+    log("  -> p50 %.2f ms p99 %.2f ms max %.2f ms (%d events, published at %.0f msg/s)"
+        % (run["p50_ms"], run["p99_ms"], run["max_ms"], r[0], pub["rate"]))
+    RESULTS["runs"].append(run)
+    save()
+    return run
+
+
+def idle_run(conn, w):
+    log("idle CPU: %d consumers, empty queue, %d s" % (w, CFG["idle_secs"]))
+    set_conf(conn, enable_notifications="off", worker_count=w)
+    wait_consumers(conn, w, "idle")
+    purge()
+    set_conf(conn, enable_notifications="on")
+    rows = wait_consumers(conn, w, "consuming")
+    time.sleep(1)
+    pids = [r[1] for r in rows]
+    lp = launcher_pid(conn)
+    watch = pids + ([lp] if lp else [])
+    c0 = {p: proc_cpu(p) for p in watch}
+    t0 = time.time()
+    time.sleep(CFG["idle_secs"])
+    c1 = {p: proc_cpu(p) for p in watch}
+    secs = time.time() - t0
+    hz = os.sysconf("SC_CLK_TCK")
+    run = {"kind": "idle", "workers": w, "seconds": secs,
+           "consumers": [{"pid": p, "cpu_seconds": (c1[p][0] - c0[p][0]) / hz,
+                          "wakeups_per_s": (c1[p][1] - c0[p][1]) / secs} for p in pids],
+           "launcher": {"pid": lp, "cpu_seconds": (c1[lp][0] - c0[lp][0]) / hz,
+                        "wakeups_per_s": (c1[lp][1] - c0[lp][1]) / secs} if lp else None}
+    run["cpu_percent_total"] = 100.0 * sum(c["cpu_seconds"] for c in run["consumers"]) / secs
+    set_conf(conn, enable_notifications="off")
+    wait_consumers(conn, w, "idle")
+    # the StoryBoard-style baseline, for comparison
+    p = subprocess.run([PY, os.path.join(HERE, "storyboard_baseline.py"), "idle", "--url", AMQP_URL,
+                        "--dsn", "dbname=%s" % DB, "--workload", "noop", "--workers", str(w),
+                        "--max-seconds", str(CFG["idle_secs"])],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if p.returncode == 0:
+        run["baseline"] = json.loads(p.stdout)
+    log("  -> consumers %.3f %% CPU in total, %.2f wake-ups/s each"
+        % (run["cpu_percent_total"], max(c["wakeups_per_s"] for c in run["consumers"])))
+    RESULTS["runs"].append(run)
+    save()
+    return run
+
+
+def machine_facts():
+    def cmd(*a):
+        try:
+            return subprocess.run(a, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True).stdout.strip()
+        except OSError:
+            return None
+    cpu = None
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = None
+    with open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) // 1024
+    conn = connect()
+    facts = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(), "cpu": cpu, "mem_mib": mem,
+        "kernel": os.uname().release,
+        "os": cmd("sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"),
+        "postgresql": q1(conn, "SELECT version()")[0],
+        "rabbitmq": cmd("dpkg-query", "-W", "-f", "${Version}", "rabbitmq-server"),
+        "erlang": cmd("dpkg-query", "-W", "-f", "${Version}", "erlang-base"),
+        "librabbitmq": cmd("dpkg-query", "-W", "-f", "${Version}", "librabbitmq4"),
+        "json_c": cmd("dpkg-query", "-W", "-f", "${Version}", "libjson-c5"),
+        "pika": cmd("dpkg-query", "-W", "-f", "${Version}", "python3-pika"),
+        "psycopg2": cmd("dpkg-query", "-W", "-f", "${Version}", "python3-psycopg2"),
+        "extension": q1(conn, "SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker'")[0],
+        "settings": dict(q(conn, "SELECT name, setting FROM pg_settings WHERE name IN ('fsync',"
+                                 " 'synchronous_commit', 'full_page_writes', 'shared_buffers', 'wal_level',"
+                                 " 'max_wal_size', 'storyboard_worker.batch_size',"
+                                 " 'storyboard_worker.rabbit_prefetch', 'storyboard_worker.max_retries')")),
+        "git": cmd("git", "-C", ROOT, "rev-parse", "--short", "HEAD") or "uncommitted tree",
+    }
+    conn.close()
+    return facts
+
+
+def main():
+    t_start = time.time()
+    conn = setup_database()
+    RESULTS["machine"] = machine_facts()
+    path = write_messages(conn)
+    purge()
+    use_plugins(conn, ["subscription"])
+    captured = capture_statements(conn, path)
+    RESULTS["captured"] = captured
+    scripts = write_pgbench_scripts(captured)
+    save()
+
+    ws = CFG["workers"]
+    for workload in CFG["workloads"]:
+        n = CFG["events"] if workload == "noop" else CFG["sub_events"]
+        plugins = ["noop"] if workload == "noop" else ["subscription"]
+        for w in ws:
+            if workload == "noop":
+                amqp_run(w, n, path)
+            pgbench_run(conn, workload, w, scripts[workload])
+            ext_run(conn, workload, w, n, path, plugins)
+            baseline_run(conn, workload, w, path)
+
+    # latency at half the peak rate, at the best worker_count, and idle CPU
+    for workload in CFG["workloads"]:
+        ext = [r for r in RESULTS["runs"] if r["kind"] == "ext" and r["workload"] == workload
+               and r.get("steady_rate")]
+        if not ext:
+            continue
+        best = max(ext, key=lambda r: r["steady_rate"])
+        plugins = ["noop"] if workload == "noop" else ["subscription", "probe"]
+        latency_run(conn, workload, best["workers"], best["steady_rate"] / 2.0, path, plugins)
+    idle_run(conn, max(ws))
+    RESULTS["duration_s"] = time.time() - t_start
+    save()
+    log("done in %.0f s" % RESULTS["duration_s"])
+
+
+if __name__ == "__main__":
+    main()

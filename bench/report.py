@@ -1,0 +1,349 @@
+#!/usr/bin/python3
+"""bench/report.py RESULTS.json BENCHMARKS.md PLOT.png
+
+Turns bench/bench.py's raw results into the report: tables of throughput
+with their ratios to the ceilings and to the StoryBoard-style baseline, the
+targets of the benchmark issue with pass/miss, latency, idle CPU, memory,
+and a plot of throughput against worker_count.
+"""
+
+import json
+import os
+import sys
+
+TARGETS = {
+    "noop_ceiling": 0.8,
+    "sub_ceiling": 0.7,
+    "baseline": 20.0,
+    "p99_ms": 10.0,
+    "idle_cpu_percent": 0.1,     # per consumer, "about zero"
+    "rss_growth_kib": 1024,      # per consumer, between warm and last sample
+}
+
+
+def fmt(x, nd=0):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return "{:,.{}f}".format(x, nd)
+    return "{:,}".format(x)
+
+
+def ratio(a, b):
+    if a is None or not b:
+        return None
+    return a / b
+
+
+def r2(x):
+    return "–" if x is None else "%.2f×" % x
+
+
+def verdict(ok):
+    return "**met**" if ok else "**missed**"
+
+
+def index(runs):
+    by = {}
+    for r in runs:
+        key = (r["kind"], r.get("workload"), r.get("workers"))
+        by[key] = r
+    return by
+
+
+def ext_rate(r):
+    return r.get("rate") if r else None
+
+
+def main():
+    res_path, md_path, png_path = sys.argv[1:4]
+    res = json.load(open(res_path))
+    runs = res["runs"]
+    by = index(runs)
+    cfg = res["config"]
+    ws = cfg["workers"]
+    m = res.get("machine", {})
+    workloads = cfg["workloads"]
+
+    rows = {}   # (workload, W) -> dict of numbers
+    for wl in workloads:
+        for w in ws:
+            ext = by.get(("ext", wl, w))
+            amqp = by.get(("amqp", "any", w))
+            pgb = by.get(("pgbench", wl, w))
+            base = by.get(("baseline", wl, w))
+            d = {"ext": ext_rate(ext), "steady": ext.get("steady_rate") if ext else None,
+                 "amqp": amqp.get("rate_from_start") if amqp else None,
+                 "pgbench": pgb.get("rate") if pgb else None,
+                 "baseline": base.get("rate") if base else None,
+                 "dead": ext.get("dead_letters") if ext else None,
+                 "error": (ext or {}).get("error")}
+            if wl == "noop":
+                ceil = [x for x in (d["amqp"], d["pgbench"]) if x]
+                d["ceiling"] = min(ceil) if ceil else None
+            else:
+                d["ceiling"] = d["pgbench"]
+            d["r_ceiling"] = ratio(d["ext"], d["ceiling"])
+            d["r_baseline"] = ratio(d["ext"], d["baseline"])
+            rows[(wl, w)] = d
+
+    def best(wl, key):
+        cands = [(rows[(wl, w)][key], w) for w in ws if rows.get((wl, w), {}).get(key)]
+        return max(cands) if cands else (None, None)
+
+    targets = []
+    if "noop" in workloads:
+        rate, w = best("noop", "ext")
+        d = rows.get(("noop", w), {})
+        rr = d.get("r_ceiling")
+        targets.append(("No-op plugin ≥ 0.8 × min(AMQP ceiling, pgbench ceiling) at the best worker_count",
+                        "%s ev/s at W=%s vs min(%s, %s) = %s" % (fmt(rate), w, fmt(d.get("amqp")),
+                                                               fmt(d.get("pgbench")), fmt(d.get("ceiling"))),
+                        r2(rr), rr is not None and rr >= TARGETS["noop_ceiling"]))
+    if "subscription" in workloads:
+        rate, w = best("subscription", "ext")
+        d = rows.get(("subscription", w), {})
+        rr = d.get("r_ceiling")
+        targets.append(("Subscription workload ≥ 0.7 × its pgbench ceiling",
+                        "%s ev/s at W=%s vs pgbench %s tps" % (fmt(rate), w, fmt(d.get("pgbench"))),
+                        r2(rr), rr is not None and rr >= TARGETS["sub_ceiling"]))
+    for wl in workloads:
+        rate, w = best(wl, "ext")
+        brate, bw = best(wl, "baseline")
+        rr = ratio(rate, brate)
+        targets.append(("≥ 20 × the StoryBoard-style baseline (%s workload, best W of each)" % wl,
+                        "%s ev/s (W=%s) vs baseline %s ev/s (W=%s)" % (fmt(rate), w, fmt(brate, 1), bw),
+                        "%.1f×" % rr if rr else "–", rr is not None and rr >= TARGETS["baseline"]))
+    lat = [r for r in runs if r["kind"] == "latency"]
+    for r in lat:
+        targets.append(("p99 publish-to-commit latency at half load ≤ 10 ms (%s%s)"
+                        % (r["workload"], ", headline" if r["workload"] == "noop" else ""),
+                        "p99 %.2f ms (p50 %.2f ms) at %s ev/s, W=%d" % (r["p99_ms"], r["p50_ms"],
+                                                                       fmt(r["target_rate"]), r["workers"]),
+                        "%.2f ms" % r["p99_ms"], r["p99_ms"] <= TARGETS["p99_ms"]))
+    idle = [r for r in runs if r["kind"] == "idle"]
+    for r in idle:
+        worst = max(100.0 * c["cpu_seconds"] / r["seconds"] for c in r["consumers"])
+        targets.append(("Idle CPU of the workers ≈ 0 (empty queue)",
+                        "%d consumers: %.3f %% of a core in total over %.0f s, %.2f wake-ups/s each"
+                        % (r["workers"], r["cpu_percent_total"], r["seconds"],
+                           max(c["wakeups_per_s"] for c in r["consumers"])),
+                        "%.3f %%" % worst, worst <= TARGETS["idle_cpu_percent"]))
+
+    # memory: per consumer pid, RssAnon over all the runs it served
+    mem_series = {}
+    for r in runs:
+        if r["kind"] != "ext":
+            continue
+        for pid, samples in r.get("memory", {}).items():
+            s = [x for x in samples if x.get("RssAnon") is not None]
+            if s:
+                mem_series.setdefault(pid, []).append((r["workload"], r["workers"], s[0], s[-1],
+                                                       max(x["RssAnon"] for x in s), len(s)))
+    growth = []
+    for pid, lst in mem_series.items():
+        warm = lst[0][3]["RssAnon"]          # end of its first run
+        last = lst[-1][3]["RssAnon"]
+        growth.append((last - warm, pid, len(lst), lst[0][2]["RssAnon"], warm, last,
+                       max(x[4] for x in lst)))
+    if growth:
+        g = max(growth)
+        long_lived = max(growth, key=lambda x: x[2])
+        targets.append(("Resident memory per worker flat over the run",
+                        "largest RssAnon growth from the end of a consumer's first run to the end of its last: "
+                        "%+d kB (pid %s, %d runs); longest-lived consumer: %d kB → %d kB over %d runs"
+                        % (g[0], g[1], g[2], long_lived[4], long_lived[5], long_lived[2]),
+                        "%+d kB" % g[0], g[0] <= TARGETS["rss_growth_kib"]))
+
+    # ---------------------------------------------------------------- plot
+    plot_ok = False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.8), squeeze=False)
+        for ax, wl in zip(axes[0], workloads):
+            series = [("storyboard_worker (end to end)", "ext", "o-", "C0"),
+                      ("pgbench ceiling", "pgbench", "s--", "C2"),
+                      ("StoryBoard-style baseline", "baseline", "v:", "C3")]
+            if wl == "noop":
+                series.insert(1, ("AMQP ceiling", "amqp", "^--", "C1"))
+            for label, key, style, color in series:
+                xs = [w for w in ws if rows[(wl, w)].get(key)]
+                ys = [rows[(wl, w)][key] for w in xs]
+                if xs:
+                    ax.plot(xs, ys, style, color=color, label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ws)
+            ax.set_xticklabels([str(w) for w in ws])
+            ax.set_yscale("log")
+            ax.set_xlabel("worker_count (consumers = pgbench clients = baseline processes)")
+            ax.set_ylabel("events / s")
+            ax.set_title("%s workload" % ("no-op plugin" if wl == "noop" else "subscription plugin"))
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("storyboard_worker throughput, %s, %s CPUs, fsync + synchronous_commit on"
+                     % (m.get("date", ""), m.get("nproc", "?")), fontsize=10)
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=110)
+        plot_ok = True
+    except Exception as exc:     # the report is still worth writing
+        print("report: no plot: %s" % exc, file=sys.stderr)
+
+    # ---------------------------------------------------------------- markdown
+    L = []
+    A = L.append
+    A("# storyboard_worker benchmarks")
+    A("")
+    A("Generated by `make bench` (`bench/run.sh`) on %s; raw numbers in `bench/results.json`, "
+      "re-render with `/usr/bin/python3 bench/report.py bench/results.json BENCHMARKS.md bench/throughput.png`."
+      % m.get("date", "?"))
+    A("")
+    A("## Machine")
+    A("")
+    A("| | |")
+    A("|---|---|")
+    A("| CPU | %s × %s |" % (m.get("nproc"), m.get("cpu")))
+    A("| memory | %s MiB |" % fmt(m.get("mem_mib")))
+    A("| OS, kernel | %s, %s |" % (m.get("os"), m.get("kernel")))
+    A("| PostgreSQL | %s |" % m.get("postgresql"))
+    A("| RabbitMQ, Erlang | %s, %s |" % (m.get("rabbitmq"), m.get("erlang")))
+    A("| librabbitmq, json-c | %s, %s |" % (m.get("librabbitmq"), m.get("json_c")))
+    A("| baseline: pika, psycopg2 | %s, %s |" % (m.get("pika"), m.get("psycopg2")))
+    A("| storyboard_worker | %s (%s) |" % (m.get("extension"), m.get("git")))
+    A("| settings | %s |" % ", ".join("%s=%s" % kv for kv in sorted(m.get("settings", {}).items())))
+    A("")
+    ds = res.get("dataset", {})
+    A("Dataset (%s, `bench/dataset.sql`): %s users, %s projects in %s groups, %s stories, %s tasks, "
+      "%s subscriptions (%.1f distinct subscribers per story on average), %s private stories, "
+      "a pool of %s timeline events (%s with a comment). Messages: StoryBoard's timeline_event bodies, "
+      "%d bytes on average." % (res.get("schema"), fmt(ds.get("users")), fmt(ds.get("projects")),
+                                fmt(ds.get("project_groups")), fmt(ds.get("stories")), fmt(ds.get("tasks")),
+                                fmt(ds.get("subscriptions")), ds.get("subscribers_per_story") or 0,
+                                fmt(ds.get("story_permissions")), fmt(ds.get("events")),
+                                fmt(ds.get("comments")), res.get("message_bytes", {}).get("avg", 0)))
+    A("")
+    A("## Targets")
+    A("")
+    A("| target | measured | ratio / value | verdict |")
+    A("|---|---|---|---|")
+    for name, meas, val, ok in targets:
+        A("| %s | %s | %s | %s |" % (name, meas, val, verdict(ok)))
+    A("")
+    A("## Throughput")
+    A("")
+    if plot_ok:
+        A("![throughput against worker_count](bench/throughput.png)")
+        A("")
+    A("Events per second. *storyboard_worker* is end to end: %s events pre-loaded into the queue "
+      "(%s for the subscription workload), then `enable_notifications = on` and `pg_reload_conf()`; "
+      "the rate is events / (commit-side time of the last event − that reload). *steady* is "
+      "(events − 1) / (last − first event's commit-side time). *AMQP ceiling*: the same messages, "
+      "W connections, `basic.consume` prefetch %d, one `basic.ack` each, from connecting to the last ack. "
+      "*pgbench ceiling*: `pgbench -M prepared -c W -j W -T %d` running the plugin's SQL, one event per "
+      "transaction. *baseline*: `bench/storyboard_baseline.py` with W processes, first `basic_get` to last "
+      "commit (up to %s events or %d s). Ratios: storyboard_worker ÷ ceiling (no-op: the smaller of the "
+      "two ceilings) and ÷ baseline."
+      % (fmt(cfg["events"]), fmt(cfg["sub_events"]), 100, cfg["pgbench_secs"],
+         fmt(cfg["baseline_events"]), cfg["baseline_secs"]))
+    A("")
+    A("| workload | W | storyboard_worker | steady | AMQP ceiling | pgbench ceiling | ratio to ceiling | baseline | ratio to baseline | dead letters |")
+    A("|---|---|---|---|---|---|---|---|---|---|")
+    for wl in workloads:
+        for w in ws:
+            d = rows[(wl, w)]
+            A("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                wl, w, fmt(d["ext"]) if not d["error"] else "failed: " + d["error"],
+                fmt(d["steady"]), fmt(d["amqp"]) if wl == "noop" else "(%s)" % fmt(d["amqp"]),
+                fmt(d["pgbench"]), r2(d["r_ceiling"]), fmt(d["baseline"], 1), r2(d["r_baseline"]).replace("×", "×"),
+                fmt(d["dead"])))
+    A("")
+    pg_sub = [r for r in runs if r["kind"] == "pgbench" and r["workload"] == "subscription" and r.get("rows_per_txn")]
+    if pg_sub:
+        A("The subscription workload inserts %.1f subscription_events rows per event on average (pgbench runs)."
+          % (sum(r["rows_per_txn"] for r in pg_sub) / len(pg_sub)))
+        A("")
+    A("## Latency at half the peak rate")
+    A("")
+    A("Messages published one by one at half the best steady rate of the workload (evenly paced, "
+      "streaming publisher confirms), W consumers already connected. Latency = `clock_timestamp()` taken by "
+      "the no-op plugin inside the event's transaction (for the subscription workload: the no-op plugin "
+      "registered after `subscription`, as a probe) − the publish time `bench/amqp_ceiling` writes into the "
+      "body just before `basic.publish`. It does not include the COMMIT's WAL flush that follows "
+      "(fdatasync ≈ 0.1–0.3 ms here).")
+    A("")
+    A("| workload | W | rate (target / achieved) | events | p50 | p90 | p99 | p99.9 | max |")
+    A("|---|---|---|---|---|---|---|---|---|")
+    for r in lat:
+        A("| %s | %d | %s / %s ev/s | %s | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %.2f ms |" % (
+            r["workload"], r["workers"], fmt(r["target_rate"]), fmt(r["publish"]["rate"]), fmt(r["measured"]),
+            r["p50_ms"], r["p90_ms"], r["p99_ms"], r["p999_ms"], r["max_ms"]))
+    A("")
+    A("## Idle CPU")
+    A("")
+    for r in idle:
+        A("Consumers connected and consuming, queue empty, sampled over %.1f s (`/proc/<pid>/stat` utime+stime, "
+          "context switches from `/proc/<pid>/status`):" % r["seconds"])
+        A("")
+        A("| process | CPU seconds | CPU % of a core | wake-ups / s |")
+        A("|---|---|---|---|")
+        for c in r["consumers"]:
+            A("| consumer pid %d | %.3f | %.3f %% | %.2f |" % (c["pid"], c["cpu_seconds"],
+                                                         100 * c["cpu_seconds"] / r["seconds"], c["wakeups_per_s"]))
+        if r.get("launcher"):
+            c = r["launcher"]
+            A("| launcher pid %d | %.3f | %.3f %% | %.2f |" % (c["pid"], c["cpu_seconds"],
+                                                         100 * c["cpu_seconds"] / r["seconds"], c["wakeups_per_s"]))
+        b = r.get("baseline")
+        if b:
+            A("| StoryBoard-style baseline, %d processes (`basic_get` + 5 s sleep) | %.3f in total | %.3f %% each at most | – |"
+              % (b["workers"], sum(b["cpu_seconds"]), max(b["cpu_percent_per_worker"])))
+        A("")
+    A("## Memory")
+    A("")
+    A("Every consumer's `/proc/<pid>/status` RssAnon (private memory) and `smaps_rollup` Pss, sampled before "
+      "each end-to-end run, every 0.5 s during it and at its end. Consumers live across runs (turning "
+      "`enable_notifications` off and on only drops the broker connection), so one process serves several runs.")
+    A("")
+    A("| consumer pid | runs served | RssAnon before its first run | after its first run | after its last run | peak | Pss after its last run |")
+    A("|---|---|---|---|---|---|---|")
+    for pid, lst in sorted(mem_series.items(), key=lambda kv: -len(kv[1])):
+        A("| %s | %d | %s kB | %s kB | %s kB | %s kB | %s kB |" % (
+            pid, len(lst), fmt(lst[0][2]["RssAnon"]), fmt(lst[0][3]["RssAnon"]), fmt(lst[-1][3]["RssAnon"]),
+            fmt(max(x[4] for x in lst)), fmt(lst[-1][3].get("Pss"))))
+    A("")
+    A("## Method")
+    A("")
+    A("* One command: `make bench` runs `bench/run.sh` as root: packages (apt-get), build and install, a "
+      "throw-away RabbitMQ and PostgreSQL (`test/services.sh`, with `fsync`, `full_page_writes` and "
+      "`synchronous_commit` on), then `bench/bench.py` and `bench/report.py`. `BENCH_QUICK=1` is a smoke test "
+      "of under two minutes; the other knobs are listed at the top of `bench/run.sh`.")
+    A("* Publishing (`bench/amqp_ceiling.c publish`): as StoryBoard does it — routing key = resource, "
+      "`app_id=storyboard`, `content_type=application/json`, transient, on a confirm channel (streamed, at most "
+      "1000 unconfirmed; every confirm awaited before a run starts).")
+    A("* The no-op plugin (`bench/bench_objects.sql`) is one PL/pgSQL INSERT; its pgbench script runs the same "
+      "INSERT. The subscription plugin's statements are captured from the running plugin "
+      "(`storyboard_worker.process_event()` under `auto_explain.log_nested_statements`) and turned into two "
+      "pgbench scripts (task events 70 %, user_comment events 30 % with the comment statement first, "
+      "as in the dataset), so the ceiling runs exactly the SQL `src/subscription.c` runs. Per event "
+      "storyboard_worker additionally resolves the author (one SELECT), runs each plugin in a "
+      "subtransaction and writes its ledger row; those are the extension's own costs and are not in the ceiling.")
+    A("* Between runs: the tables written are truncated, the ledger and dead letters emptied, and a CHECKPOINT is "
+      "taken, so each run starts alike. Each workload runs the W values in turn, interleaving AMQP, pgbench, "
+      "extension and baseline runs for the same W.")
+    A("* The baseline (`bench/storyboard_baseline.py`) re-creates StoryBoard's worker: W processes, "
+      "`basic_get` polling with a 5 s sleep when empty, a transaction per plugin that resolves the author "
+      "and runs the plugin, `basic_ack` always; its subscription plugin runs StoryBoard's per-subscriber "
+      "queries (user, preferences, comment resolution, event visibility, one INSERT per subscriber).")
+    if res.get("notes"):
+        A("")
+        for n in res["notes"]:
+            A("* %s" % n)
+    A("")
+    A("Full run: %.0f s." % res.get("duration_s", 0))
+    open(md_path, "w").write("\n".join(L) + "\n")
+    print("report: wrote %s%s" % (md_path, " and " + png_path if plot_ok else ""))
+
+
+if __name__ == "__main__":
+    main()
