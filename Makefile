@@ -20,7 +20,7 @@ PGFILEDESC = "storyboard_worker - StoryBoard's event worker inside PostgreSQL"
 # pg_regress suites: every sql/*.sql that is not an install/upgrade script,
 # alphabetically; each one creates what it needs and drops it at the end.
 REGRESS = $(sort $(filter-out storyboard_worker--%,$(basename $(notdir $(wildcard sql/*.sql)))))
-REGRESS_OPTS = --inputdir=. --load-extension=plpgsql
+REGRESS_OPTS = --inputdir=. --load-extension=plpgsql --encoding=UTF8
 
 PKG_CONFIG ?= pkg-config
 PG_CPPFLAGS = -Isrc $(shell $(PKG_CONFIG) --cflags librabbitmq json-c) -Wall -Wextra -Werror \

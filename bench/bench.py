@@ -69,6 +69,9 @@ CFG = {
     "projects": env_int("BENCH_PROJECTS", 200),
     "groups": env_int("BENCH_GROUPS", 20),
     "workloads": os.environ.get("BENCH_WORKLOADS", "noop subscription").split(),
+    "quiet_wait": env_int("BENCH_QUIET_WAIT", 30),
+    "quiet_cores": float(os.environ.get("BENCH_QUIET_CORES", "0.25")),
+    "batch_size_extra": env_int("BENCH_BATCH_EXTRA", 20),
 }
 if CFG["sub_events"] is None:
     CFG["sub_events"] = max(1000, CFG["events"] // 2)
@@ -167,6 +170,71 @@ def proc_cpu(pid):
             if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                 ctx += int(line.split()[1])
     return ticks, ctx
+
+
+def _proc_table():
+    """pid -> (ppid, utime+stime+cutime+cstime ticks) for every process."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(d)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    return out
+
+
+def cpu_snapshot():
+    """(machine busy ticks, ticks of our process trees: postmaster, broker, this script)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+    procs = _proc_table()
+    roots = {os.getpid()}
+    for var in ("PG_PID", "RMQ_BEAM_PID", "RMQ_PID", "EPMD_PID"):
+        if os.environ.get(var, "").isdigit():
+            roots.add(int(os.environ[var]))
+    children = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    ours, stack = 0, list(roots)
+    seen = set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen or pid not in procs:
+            continue
+        seen.add(pid)
+        ours += procs[pid][1]
+        stack.extend(children.get(pid, []))
+    return time.time(), busy, ours
+
+
+def cpu_usage(snap0, snap1):
+    """CPU used during the interval, in cores: (everything, ours, others)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    secs = max(snap1[0] - snap0[0], 1e-6)
+    total = (snap1[1] - snap0[1]) / hz / secs
+    ours = (snap1[2] - snap0[2]) / hz / secs
+    return {"total_cores": round(total, 3), "bench_cores": round(ours, 3),
+            "other_cores": round(max(total - ours, 0.0), 3)}
+
+
+def wait_quiet():
+    """Wait (at most BENCH_QUIET_WAIT s) until other processes on the machine use less than
+    BENCH_QUIET_CORES cores, sampled over 1 s.  Returns what was seen, for the record."""
+    t0 = time.time()
+    while True:
+        s0 = cpu_snapshot()
+        time.sleep(1)
+        u = cpu_usage(s0, cpu_snapshot())
+        if u["other_cores"] < CFG["quiet_cores"] or time.time() - t0 >= CFG["quiet_wait"]:
+            u["waited_s"] = round(time.time() - t0, 1)
+            if u["other_cores"] >= CFG["quiet_cores"]:
+                log("  (machine busy: other processes use %.2f cores)" % u["other_cores"])
+            return u
 
 
 def loadavg():
@@ -437,18 +505,20 @@ def commit_span(conn, workload):
             float(r[1]) if r[1] is not None else None, r[2])
 
 
-def ext_run(conn, workload, w, n, path, plugins):
+def ext_run(conn, workload, w, n, path, plugins, batch=1, kind="ext"):
     """storyboard_worker end to end on n pre-loaded events with w consumers."""
-    log("ext %s W=%d: %d events" % (workload, w, n))
-    set_conf(conn, enable_notifications="off", worker_count=w)
+    log("%s %s W=%d: %d events%s" % (kind, workload, w, n, ", batch_size %d" % batch if batch > 1 else ""))
+    set_conf(conn, enable_notifications="off", worker_count=w, batch_size=batch)
     rows = wait_consumers(conn, w, "idle")
     use_plugins(conn, plugins)
     reset_tables(conn)
     pub = preload(n, path)
+    quiet = wait_quiet()
     pids = [r[1] for r in rows]
     base = sum(r[3] for r in rows)
     mem = {pid: [proc_mem(pid)] for pid in pids}
     load0 = loadavg()
+    snap0 = cpu_snapshot()
     t_enable = time.time()
     set_conf(conn, enable_notifications="on")
     deadline = t_enable + max(120, n / 20.0)
@@ -465,15 +535,19 @@ def ext_run(conn, workload, w, n, path, plugins):
             t_next_mem += 0.5
         time.sleep(0.02)
     t_seen = time.time()
+    cpu = cpu_usage(snap0, cpu_snapshot())
     for pid in pids:
         mem[pid].append(proc_mem(pid))
     set_conf(conn, enable_notifications="off")
     rows_after = wait_consumers(conn, w, "idle")
     first, last, nrows = commit_span(conn, workload)
     dead = q1(conn, "SELECT count(*) FROM storyboard_worker.dead_letters")[0]
-    run = {"kind": "ext", "workload": workload, "workers": w, "events": n, "processed": done,
+    if batch != 1:
+        set_conf(conn, batch_size=1)
+    run = {"kind": kind, "workload": workload, "workers": w, "events": n, "processed": done,
+           "batch_size": batch,
            "t_enable": t_enable, "first_commit": first, "last_commit": last, "rows": nrows,
-           "dead_letters": dead, "publish": pub, "loadavg_before": load0,
+           "dead_letters": dead, "publish": pub, "loadavg_before": load0, "cpu": cpu, "quiet": quiet,
            "pids": pids, "pids_after": [r[1] for r in rows_after],
            "last_errors": [r[5] for r in rows_after if r[5]],
            "memory": {str(k): v for k, v in mem.items()}}
@@ -496,8 +570,11 @@ def ext_run(conn, workload, w, n, path, plugins):
 def amqp_run(w, n, path):
     log("amqp ceiling W=%d: %d messages" % (w, n))
     pub = preload(n, path)
+    quiet = wait_quiet()
+    snap0 = cpu_snapshot()
     res = amqp("consume", AMQP_URL, QUEUE, n, w, PREFETCH)
     run = {"kind": "amqp", "workload": "any", "workers": w, "events": n, "publish": pub,
+           "cpu": cpu_usage(snap0, cpu_snapshot()), "quiet": quiet,
            "rate": res["rate"], "rate_from_start": res["rate_from_start"], "detail": res}
     log("  -> %.0f msg/s (publish %.0f msg/s)" % (res["rate"], pub["rate"]))
     RESULTS["runs"].append(run)
@@ -510,11 +587,15 @@ def pgbench_run(conn, workload, w, script_args):
     reset_tables(conn)
     cmd = [os.path.join(PGBIN, "pgbench"), "-n", "-M", "prepared", "-c", str(w), "-j", str(w),
            "-T", str(CFG["pgbench_secs"])] + script_args + [DB]
+    quiet = wait_quiet()
+    snap0 = cpu_snapshot()
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cpu = cpu_usage(snap0, cpu_snapshot())
     m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", p.stdout)
     lat = re.search(r"latency average = ([\d.]+) ms", p.stdout)
     failed = re.search(r"number of failed transactions: (\d+)", p.stdout)
     run = {"kind": "pgbench", "workload": workload, "workers": w, "seconds": CFG["pgbench_secs"],
+           "cpu": cpu, "quiet": quiet,
            "rate": float(m.group(1)) if m else None,
            "latency_ms": float(lat.group(1)) if lat else None,
            "failed": int(failed.group(1)) if failed else None}
@@ -538,10 +619,13 @@ def baseline_run(conn, workload, w, path):
     set_conf(conn, enable_notifications="off")
     reset_tables(conn)
     pub = preload(n, path)
+    quiet = wait_quiet()
+    snap0 = cpu_snapshot()
     p = subprocess.run([PY, os.path.join(HERE, "storyboard_baseline.py"), "run", "--url", AMQP_URL,
                         "--dsn", "dbname=%s" % DB, "--workload", workload, "--workers", str(w),
                         "--expect", str(n), "--max-seconds", str(CFG["baseline_secs"])],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cpu = cpu_usage(snap0, cpu_snapshot())
     purge()
     if p.returncode != 0:
         run = {"kind": "baseline", "workload": workload, "workers": w, "error": p.stderr[-2000:]}
@@ -550,7 +634,7 @@ def baseline_run(conn, workload, w, path):
         run = {"kind": "baseline", "workload": workload, "workers": w, "events": n,
                "processed": res["processed"], "rate": res.get("rate"),
                "rate_from_start": res.get("rate_from_start"), "errors": res["errors"],
-               "timed_out": res["timed_out"], "publish": pub, "detail": res}
+               "timed_out": res["timed_out"], "publish": pub, "detail": res, "cpu": cpu, "quiet": quiet}
         if workload == "noop":
             run["rows"] = q1(conn, "SELECT count(*) FROM bench.noop_events")[0]
         else:
@@ -576,8 +660,10 @@ def latency_run(conn, workload, w, rate, path, plugins):
     set_conf(conn, enable_notifications="on")
     rows = wait_consumers(conn, w, "consuming")
     base = sum(r[3] for r in rows)
-    time.sleep(0.5)
+    quiet = wait_quiet()
+    snap0 = cpu_snapshot()
     pub = amqp("publish", AMQP_URL, EXCHANGE, path, n, "%.3f" % rate)
+    cpu = cpu_usage(snap0, cpu_snapshot())
     deadline = time.time() + 60
     while time.time() < deadline and sum(r[3] for r in consumers(conn)) - base < n:
         time.sleep(0.05)
@@ -592,7 +678,7 @@ def latency_run(conn, workload, w, rate, path, plugins):
     run = {"kind": "latency", "workload": workload, "workers": w, "target_rate": rate,
            "events": n, "publish": pub, "measured": r[0],
            "p50_ms": r[1][0], "p90_ms": r[1][1], "p99_ms": r[1][2], "p999_ms": r[1][3],
-           "max_ms": r[2], "avg_ms": r[3]}
+           "max_ms": r[2], "avg_ms": r[3], "cpu": cpu, "quiet": quiet}
     log("  -> p50 %.2f ms p99 %.2f ms max %.2f ms (%d events, published at %.0f msg/s)"
         % (run["p50_ms"], run["p99_ms"], run["max_ms"], r[0], pub["rate"]))
     RESULTS["runs"].append(run)
@@ -607,7 +693,7 @@ def idle_run(conn, w):
     purge()
     set_conf(conn, enable_notifications="on")
     rows = wait_consumers(conn, w, "consuming")
-    time.sleep(1)
+    quiet = wait_quiet()
     pids = [r[1] for r in rows]
     lp = launcher_pid(conn)
     watch = pids + ([lp] if lp else [])
@@ -617,7 +703,7 @@ def idle_run(conn, w):
     c1 = {p: proc_cpu(p) for p in watch}
     secs = time.time() - t0
     hz = os.sysconf("SC_CLK_TCK")
-    run = {"kind": "idle", "workers": w, "seconds": secs,
+    run = {"kind": "idle", "workers": w, "seconds": secs, "quiet": quiet,
            "consumers": [{"pid": p, "cpu_seconds": (c1[p][0] - c0[p][0]) / hz,
                           "wakeups_per_s": (c1[p][1] - c0[p][1]) / secs} for p in pids],
            "launcher": {"pid": lp, "cpu_seconds": (c1[lp][0] - c0[lp][0]) / hz,
@@ -702,7 +788,7 @@ def main():
             ext_run(conn, workload, w, n, path, plugins)
             baseline_run(conn, workload, w, path)
 
-    # latency at half the peak rate, at the best worker_count, and idle CPU
+    # latency at half the peak rate, at the best worker_count; batch_size; idle CPU
     for workload in CFG["workloads"]:
         ext = [r for r in RESULTS["runs"] if r["kind"] == "ext" and r["workload"] == workload
                and r.get("steady_rate")]
@@ -711,6 +797,10 @@ def main():
         best = max(ext, key=lambda r: r["steady_rate"])
         plugins = ["noop"] if workload == "noop" else ["subscription", "probe"]
         latency_run(conn, workload, best["workers"], best["steady_rate"] / 2.0, path, plugins)
+        if CFG["batch_size_extra"] > 1:
+            n = CFG["events"] if workload == "noop" else CFG["sub_events"]
+            ext_run(conn, workload, best["workers"], n, path, plugins[:1],
+                    batch=CFG["batch_size_extra"], kind="ext_batch")
     idle_run(conn, max(ws))
     RESULTS["duration_s"] = time.time() - t_start
     save()

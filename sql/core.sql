@@ -186,12 +186,16 @@ SELECT plugin, succeeded FROM storyboard_worker.process_event('{"resource": "pro
 SELECT plugin FROM seen ORDER BY n;
 RESET regress.b_enabled;
 
--- A dropped handler fails as that plugin, visibly.
+-- Dropping a plugin's function unregisters the plugin (sql_drop trigger).
 CREATE FUNCTION doomed(e storyboard_worker.event) RETURNS void LANGUAGE sql AS '';
+CREATE FUNCTION doomed_enabled() RETURNS boolean LANGUAGE sql AS 'SELECT true';
 SELECT storyboard_worker.register_plugin('doomed', 'doomed(storyboard_worker.event)');
+SELECT storyboard_worker.register_plugin('doomed2', 'record_a(storyboard_worker.event)', 'doomed_enabled()');
+SET client_min_messages = notice;
 DROP FUNCTION doomed(storyboard_worker.event);
-SELECT plugin, succeeded, sqlstate, error FROM storyboard_worker.process_event('{"resource": "project", "resource_id": 1, "method": "PUT"}') WHERE plugin = 'doomed';
-SELECT storyboard_worker.unregister_plugin('doomed');
+DROP FUNCTION doomed_enabled();
+SET client_min_messages = warning;
+SELECT name FROM storyboard_worker.plugins ORDER BY position;
 
 -- Plugins run as storyboard_worker.role.
 CREATE ROLE regress_sbw_plugin_role;

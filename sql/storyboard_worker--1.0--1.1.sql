@@ -1,4 +1,5 @@
-/* storyboard_worker--1.0--1.1.sql: the ledger of processed messages */
+/* storyboard_worker--1.0--1.1.sql: the ledger of processed messages;
+   plugins unregistered when their function is dropped */
 
 \echo Use "ALTER EXTENSION storyboard_worker UPDATE TO '1.1'" to load this file. \quit
 
@@ -28,3 +29,31 @@ CREATE FUNCTION storyboard_worker.worker_stats(
 CREATE VIEW storyboard_worker.stats AS
 	SELECT * FROM storyboard_worker.worker_stats();
 GRANT SELECT ON storyboard_worker.stats TO PUBLIC;
+
+-- Dropping a plugin's function (or the extension that owns it, e.g. DROP
+-- EXTENSION my_worker_plugin) unregisters the plugin, instead of leaving a
+-- registration that fails on every event.
+CREATE FUNCTION storyboard_worker.forget_dropped_plugins()
+	RETURNS event_trigger
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+	AS $$
+DECLARE
+	gone text;
+BEGIN
+	IF to_regclass('storyboard_worker.plugins') IS NULL THEN
+		RETURN;					-- the extension itself is being dropped
+	END IF;
+	FOR gone IN
+		DELETE FROM storyboard_worker.plugins p
+		 USING pg_event_trigger_dropped_objects() o
+		 WHERE o.classid = 'pg_catalog.pg_proc'::regclass
+		   AND o.objid IN (p.handler::oid, p.enabled::oid)
+		RETURNING p.name
+	LOOP
+		RAISE NOTICE 'storyboard_worker plugin "%" unregistered: its function was dropped', gone;
+	END LOOP;
+END $$;
+REVOKE ALL ON FUNCTION storyboard_worker.forget_dropped_plugins() FROM PUBLIC;
+CREATE EVENT TRIGGER storyboard_worker_forget_dropped_plugins ON sql_drop
+	EXECUTE FUNCTION storyboard_worker.forget_dropped_plugins();
