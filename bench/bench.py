@@ -187,39 +187,55 @@ def _proc_table():
     return out
 
 
-def cpu_snapshot():
-    """(machine busy ticks, ticks of our process trees: postmaster, broker, this script)."""
+def cpu_snapshot(pids=()):
+    """Machine busy ticks, and the ticks of our process trees: the postmaster's, the broker's
+    and this script's (pgbench, publisher, baseline), plus each pid of `pids` on its own."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
     procs = _proc_table()
-    roots = {os.getpid()}
-    for var in ("PG_PID", "RMQ_BEAM_PID", "RMQ_PID", "EPMD_PID"):
-        if os.environ.get(var, "").isdigit():
-            roots.add(int(os.environ[var]))
     children = {}
     for pid, (ppid, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
-    ours, stack = 0, list(roots)
-    seen = set()
-    while stack:
-        pid = stack.pop()
-        if pid in seen or pid not in procs:
-            continue
-        seen.add(pid)
-        ours += procs[pid][1]
-        stack.extend(children.get(pid, []))
-    return time.time(), busy, ours
+
+    def tree(root):
+        total, stack, seen = 0, [root], set()
+        while stack:
+            pid = stack.pop()
+            if pid in seen or pid not in procs:
+                continue
+            seen.add(pid)
+            total += procs[pid][1]
+            stack.extend(children.get(pid, []))
+        return total
+    buckets = {"pg": 0, "broker": 0, "tools": tree(os.getpid())}
+    if os.environ.get("PG_PID", "").isdigit():
+        buckets["pg"] = tree(int(os.environ["PG_PID"]))
+    for var in ("RMQ_PID", "EPMD_PID"):
+        if os.environ.get(var, "").isdigit():
+            buckets["broker"] += tree(int(os.environ[var]))
+    for pid in pids:
+        buckets["pid%d" % pid] = procs.get(pid, (0, 0))[1]
+    return time.time(), busy, buckets
 
 
-def cpu_usage(snap0, snap1):
-    """CPU used during the interval, in cores: (everything, ours, others)."""
+def cpu_usage(snap0, snap1, events=None):
+    """CPU used during the interval, in cores: everything, ours (by tree), others; with
+    `events`, also the CPU microseconds per event of each tree."""
     hz = os.sysconf("SC_CLK_TCK")
     secs = max(snap1[0] - snap0[0], 1e-6)
     total = (snap1[1] - snap0[1]) / hz / secs
-    ours = (snap1[2] - snap0[2]) / hz / secs
-    return {"total_cores": round(total, 3), "bench_cores": round(ours, 3),
-            "other_cores": round(max(total - ours, 0.0), 3)}
+    d = {k: (snap1[2].get(k, 0) - snap0[2].get(k, 0)) / hz for k in snap1[2]}
+    ours = sum(v for k, v in d.items() if not k.startswith("pid"))
+    out = {"seconds": round(secs, 3), "total_cores": round(total, 3), "bench_cores": round(ours / secs, 3),
+           "other_cores": round(max(total - ours / secs, 0.0), 3),
+           "cores": {k: round(v / secs, 3) for k, v in d.items()}}
+    if events:
+        out["us_per_event"] = {k: round(1e6 * v / events, 1) for k, v in d.items()}
+        consumers = [v for k, v in d.items() if k.startswith("pid")]
+        if consumers:
+            out["us_per_event"]["consumers"] = round(1e6 * sum(consumers) / events, 1)
+    return out
 
 
 def wait_quiet():
@@ -513,12 +529,12 @@ def ext_run(conn, workload, w, n, path, plugins, batch=1, kind="ext"):
     use_plugins(conn, plugins)
     reset_tables(conn)
     pub = preload(n, path)
-    quiet = wait_quiet()
     pids = [r[1] for r in rows]
+    quiet = wait_quiet()
     base = sum(r[3] for r in rows)
     mem = {pid: [proc_mem(pid)] for pid in pids}
     load0 = loadavg()
-    snap0 = cpu_snapshot()
+    snap0 = cpu_snapshot(pids)
     t_enable = time.time()
     set_conf(conn, enable_notifications="on")
     deadline = t_enable + max(120, n / 20.0)
@@ -535,7 +551,7 @@ def ext_run(conn, workload, w, n, path, plugins, batch=1, kind="ext"):
             t_next_mem += 0.5
         time.sleep(0.02)
     t_seen = time.time()
-    cpu = cpu_usage(snap0, cpu_snapshot())
+    cpu = cpu_usage(snap0, cpu_snapshot(pids), events=n)
     for pid in pids:
         mem[pid].append(proc_mem(pid))
     set_conf(conn, enable_notifications="off")
@@ -574,7 +590,7 @@ def amqp_run(w, n, path):
     snap0 = cpu_snapshot()
     res = amqp("consume", AMQP_URL, QUEUE, n, w, PREFETCH)
     run = {"kind": "amqp", "workload": "any", "workers": w, "events": n, "publish": pub,
-           "cpu": cpu_usage(snap0, cpu_snapshot()), "quiet": quiet,
+           "cpu": cpu_usage(snap0, cpu_snapshot(), events=n), "quiet": quiet,
            "rate": res["rate"], "rate_from_start": res["rate_from_start"], "detail": res}
     log("  -> %.0f msg/s (publish %.0f msg/s)" % (res["rate"], pub["rate"]))
     RESULTS["runs"].append(run)
@@ -590,7 +606,9 @@ def pgbench_run(conn, workload, w, script_args):
     quiet = wait_quiet()
     snap0 = cpu_snapshot()
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cpu = cpu_usage(snap0, cpu_snapshot())
+    snap1 = cpu_snapshot()
+    tx = re.search(r"number of transactions actually processed: (\d+)", p.stdout)
+    cpu = cpu_usage(snap0, snap1, events=int(tx.group(1)) if tx and int(tx.group(1)) else None)
     m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", p.stdout)
     lat = re.search(r"latency average = ([\d.]+) ms", p.stdout)
     failed = re.search(r"number of failed transactions: (\d+)", p.stdout)
@@ -671,7 +689,7 @@ def latency_run(conn, workload, w, rate, path, plugins):
         SELECT count(*),
                percentile_cont(ARRAY[0.5, 0.9, 0.99, 0.999]) WITHIN GROUP (ORDER BY l),
                max(l), avg(l)
-          FROM (SELECT (extract(epoch FROM committed_at) * 1e6 - published_us) / 1000.0 AS l
+          FROM (SELECT ((extract(epoch FROM committed_at) * 1e6 - published_us) / 1000.0)::float8 AS l
                   FROM bench.noop_events) x""")
     set_conf(conn, enable_notifications="off")
     wait_consumers(conn, w, "idle")

@@ -77,6 +77,7 @@ def main():
                  "pgbench": pgb.get("rate") if pgb else None,
                  "baseline": base.get("rate") if base else None,
                  "dead": ext.get("dead_letters") if ext else None,
+                 "other": max([x.get("cpu", {}).get("other_cores", 0) for x in (ext, amqp if wl == "noop" else None, pgb, base) if x] or [0]),
                  "error": (ext or {}).get("error")}
             if wl == "noop":
                 ceil = [x for x in (d["amqp"], d["pgbench"]) if x]
@@ -133,7 +134,7 @@ def main():
     # memory: per consumer pid, RssAnon over all the runs it served
     mem_series = {}
     for r in runs:
-        if r["kind"] != "ext":
+        if r["kind"] not in ("ext", "ext_batch"):
             continue
         for pid, samples in r.get("memory", {}).items():
             s = [x for x in samples if x.get("RssAnon") is not None]
@@ -247,17 +248,35 @@ def main():
       % (fmt(cfg["events"]), fmt(cfg["sub_events"]), 100, cfg["pgbench_secs"],
          fmt(cfg["baseline_events"]), cfg["baseline_secs"]))
     A("")
-    A("| workload | W | storyboard_worker | steady | AMQP ceiling | pgbench ceiling | ratio to ceiling | baseline | ratio to baseline | dead letters |")
-    A("|---|---|---|---|---|---|---|---|---|---|")
+    A("| workload | W | storyboard_worker | steady | AMQP ceiling | pgbench ceiling | ratio to ceiling | baseline | ratio to baseline | dead letters | other load |")
+    A("|---|---|---|---|---|---|---|---|---|---|---|")
     for wl in workloads:
         for w in ws:
             d = rows[(wl, w)]
-            A("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            A("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %.2f |" % (
                 wl, w, fmt(d["ext"]) if not d["error"] else "failed: " + d["error"],
                 fmt(d["steady"]), fmt(d["amqp"]) if wl == "noop" else "(%s)" % fmt(d["amqp"]),
                 fmt(d["pgbench"]), r2(d["r_ceiling"]), fmt(d["baseline"], 1), r2(d["r_baseline"]).replace("×", "×"),
-                fmt(d["dead"])))
+                fmt(d["dead"]), d["other"]))
     A("")
+    A("*other load*: CPU (in cores) used by processes outside the benchmark during the busiest of the "
+      "row's four runs (machine busy time from /proc/stat minus the benchmark's process trees). Each run "
+      "first waits up to %d s for it to fall below %.2f cores." % (cfg.get("quiet_wait", 0), cfg.get("quiet_cores", 0)))
+    A("")
+    xb = [r for r in runs if r["kind"] == "ext_batch"]
+    if xb:
+        A("With `storyboard_worker.batch_size` > 1 (not the default; one COMMIT and one multiple-ack per batch), "
+          "at the best worker_count of each workload:")
+        A("")
+        A("| workload | W | batch_size | storyboard_worker | steady | ratio to the batch_size 1 ceiling | dead letters |")
+        A("|---|---|---|---|---|---|---|")
+        for r in xb:
+            d = rows.get((r["workload"], r["workers"]), {})
+            A("| %s | %d | %d | %s | %s | %s | %s |" % (r["workload"], r["workers"], r["batch_size"],
+                                                     fmt(r.get("rate")) if not r.get("error") else "failed: " + r["error"],
+                                                     fmt(r.get("steady_rate")), r2(ratio(r.get("rate"), d.get("ceiling"))),
+                                                     fmt(r.get("dead_letters"))))
+        A("")
     pg_sub = [r for r in runs if r["kind"] == "pgbench" and r["workload"] == "subscription" and r.get("rows_per_txn")]
     if pg_sub:
         A("The subscription workload inserts %.1f subscription_events rows per event on average (pgbench runs)."

@@ -240,6 +240,7 @@ typedef struct SbwSlot
 	char	   *buf;			/* palloc'd before json-c runs, or NULL */
 	size_t		cap;
 	size_t		textlen;
+	json_type	jtype;			/* the JSON type, also of a falsy value */
 } SbwSlot;
 
 /*
@@ -1394,7 +1395,8 @@ classify_value(json_object *v, SbwSlot *slot)
 	const char *text;
 	size_t		n;
 
-	switch (json_object_get_type(v))
+	slot->jtype = json_object_get_type(v);
+	switch (slot->jtype)
 	{
 		case json_type_null:
 			slot->kind = SBW_VAL_NONE;
@@ -1572,7 +1574,36 @@ describe_value(const SbwSlot *slot)
 		case SBW_VAL_NONE:
 			break;
 	}
+	/* a falsy value of some type */
+	switch (slot->jtype)
+	{
+		case json_type_boolean:
+			return pstrdup("a boolean");
+		case json_type_int:
+			return pstrdup("the integer 0");
+		case json_type_double:
+			return pstrdup("the number 0");
+		case json_type_string:
+			return pstrdup("an empty string");
+		case json_type_array:
+			return pstrdup("an array");
+		case json_type_object:
+			return pstrdup("an object");
+		case json_type_null:
+			break;
+	}
 	return pstrdup("null");
+}
+
+/*
+ * A falsy value (StoryBoard's "or None") becomes NULL only when it has a
+ * type the key accepts: "" for a string, 0 for an id, {} for a snapshot.
+ * false for a path or [] for a URL is a wrong type, like true or [1].
+ */
+static bool
+falsy_of_type(const SbwSlot *slot, json_type a, json_type b)
+{
+	return slot->jtype == json_type_null || slot->jtype == a || slot->jtype == b;
 }
 
 /* Fail with "key \"<key>\" must be <expected>, not <what it is>". */
@@ -1606,6 +1637,8 @@ take_integer(SbwKey key, const SbwSlot *slot, int64 min, int64 max, int bits,
 	switch (slot->kind)
 	{
 		case SBW_VAL_NONE:
+			if (!falsy_of_type(slot, json_type_int, json_type_string))
+				return type_error(key, slot, expected, errmsg, sqlstate);
 			return true;
 		case SBW_VAL_INT:
 			v = slot->ival;
@@ -1660,7 +1693,8 @@ take_string(SbwKey key, SbwSlot *slot, char **out, char **errmsg,
 			int *sqlstate)
 {
 	*out = NULL;
-	if (slot->kind == SBW_VAL_NONE)
+	if (slot->kind == SBW_VAL_NONE &&
+		falsy_of_type(slot, json_type_string, json_type_string))
 		return true;
 	if (slot->kind != SBW_VAL_STRING)
 		return type_error(key, slot, "a string or null", errmsg, sqlstate);
@@ -1675,7 +1709,8 @@ take_object(SbwKey key, SbwSlot *slot, char **out, char **errmsg,
 			int *sqlstate)
 {
 	*out = NULL;
-	if (slot->kind == SBW_VAL_NONE)
+	if (slot->kind == SBW_VAL_NONE &&
+		falsy_of_type(slot, json_type_object, json_type_object))
 		return true;
 	if (slot->kind != SBW_VAL_OBJECT)
 		return type_error(key, slot, "an object or null", errmsg, sqlstate);

@@ -162,6 +162,20 @@ if [ -d test/unit ] && [ -f test/unit/Makefile ]; then
 	fi
 fi
 
+# ------------------------------------------------------------------ fuzz regressions
+# The decoder under ASan/UBSan on every seed and every input that once
+# crashed (libFuzzer, one pass); FUZZ_SECONDS=N also fuzzes for N seconds.
+if [ -f fuzz/Makefile ] && command -v clang-14 >/dev/null; then
+	note "fuzz regressions (make -C fuzz regress)"
+	if make -C fuzz regress >"$SVC_DIR/fuzz.log" 2>&1 &&
+		{ [ "${FUZZ_SECONDS:-0}" = 0 ] || make -C fuzz run FUZZ_SECONDS="$FUZZ_SECONDS" >>"$SVC_DIR/fuzz.log" 2>&1; }; then
+		record "fuzz regressions" 1 0
+	else
+		tail -30 "$SVC_DIR/fuzz.log"
+		record "fuzz regressions" 0 1
+	fi
+fi
+
 # ------------------------------------------------------------------ integration
 note "integration tests (pytest)"
 eval "extra=(${PYTEST_ARGS:-})"      # shell words: PYTEST_ARGS="-k 'broker or password'"

@@ -114,7 +114,9 @@ def test_drop_database_not_blocked(cluster):
 
 def test_unrelated_reload_keeps_broker_connections(cluster):
     before = {s["pid"]: s["connected_since"] for s in cluster.stats()}
-    cluster.set_gucs(**{"work_mem": "5MB"})     # nothing to do with the workers
+    cluster.execute("ALTER SYSTEM SET work_mem = '5MB'", db="postgres")   # nothing to do with the workers
+    cluster.dirty = True
+    cluster.reload()
     time.sleep(2)
     after = {s["pid"]: s["connected_since"] for s in cluster.stats()}
     assert after == before, "connections reopened by an unrelated reload: %r -> %r" % (before, after)

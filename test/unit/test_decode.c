@@ -348,12 +348,32 @@ test_good_bodies(void)
 		.resource = "task"
 	});
 
-	expect_event("false, 0.0, -0, [] are falsy too",
-				 "{\"author_id\":false,\"method\":[],\"status\":0.0,\"resource\":\"task\","
-				 "\"resource_id\":-0,\"sub_resource_id\":0e5,\"resource_before\":false,\"resource_after\":[]}",
+	expect_event("falsy values of an accepted type are NULL: 0, -0, \"\", {}",
+				 "{\"author_id\":0,\"method\":\"\",\"status\":0,\"resource\":\"task\","
+				 "\"resource_id\":-0,\"sub_resource_id\":\"\",\"resource_before\":{},\"resource_after\":null}",
 				 (SbwEvent) {
 		.resource = "task"
 	});
+	expect_error("false for an id is a wrong type, falsy or not",
+				 "{\"author_id\":false,\"resource\":\"task\"}",
+				 ERRCODE_DATATYPE_MISMATCH,
+				 "key \"author_id\" must be an integer, a string of digits or null, not a boolean");
+	expect_error("[] for a string key is a wrong type",
+				 "{\"method\":[],\"resource\":\"task\"}",
+				 ERRCODE_DATATYPE_MISMATCH,
+				 "key \"method\" must be a string or null, not an array");
+	expect_error("0.0 for an id is a wrong type",
+				 "{\"status\":0.0,\"resource\":\"task\"}",
+				 ERRCODE_DATATYPE_MISMATCH,
+				 "key \"status\" must be an integer, a string of digits or null, not the number 0");
+	expect_error("false for a snapshot is a wrong type",
+				 "{\"resource_before\":false,\"resource\":\"task\"}",
+				 ERRCODE_DATATYPE_MISMATCH,
+				 "key \"resource_before\" must be an object or null, not a boolean");
+	expect_error("{} for a string key is a wrong type",
+				 "{\"query_string\":{},\"resource\":\"task\"}",
+				 ERRCODE_DATATYPE_MISMATCH,
+				 "key \"query_string\" must be a string or null, not an object");
 
 	expect_event("negative int id; leading-zero digit string",
 				 "{\"author_id\":-5,\"resource\":\"story\",\"resource_id\":\"007\",\"sub_resource_id\":\"0\"}",
