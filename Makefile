@@ -23,9 +23,9 @@ REGRESS = $(sort $(filter-out storyboard_worker--%,$(basename $(notdir $(wildcar
 REGRESS_OPTS = --inputdir=. --load-extension=plpgsql --encoding=UTF8
 
 PKG_CONFIG ?= pkg-config
-PG_CPPFLAGS = -Isrc $(shell $(PKG_CONFIG) --cflags librabbitmq json-c) -Wall -Wextra -Werror \
+PG_CPPFLAGS = -Isrc $(shell $(PKG_CONFIG) --cflags librabbitmq json-c openssl) -Wall -Wextra -Werror \
 	-Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
-SHLIB_LINK = $(shell $(PKG_CONFIG) --libs librabbitmq json-c)
+SHLIB_LINK = $(shell $(PKG_CONFIG) --libs librabbitmq json-c openssl)
 
 # No JIT bitcode: nothing here is worth inlining into queries.
 override with_llvm = no

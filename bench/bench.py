@@ -69,7 +69,8 @@ CFG = {
     "projects": env_int("BENCH_PROJECTS", 200),
     "groups": env_int("BENCH_GROUPS", 20),
     "workloads": os.environ.get("BENCH_WORKLOADS", "noop subscription").split(),
-    "quiet_wait": env_int("BENCH_QUIET_WAIT", 30),
+    "quiet_wait": env_int("BENCH_QUIET_WAIT", 8),
+    "profile": os.environ.get("BENCH_PROFILE", "1") == "1",
     "quiet_cores": float(os.environ.get("BENCH_QUIET_CORES", "0.25")),
     "batch_size_extra": env_int("BENCH_BATCH_EXTRA", 20),
 }
@@ -643,12 +644,13 @@ def baseline_run(conn, workload, w, path):
                         "--dsn", "dbname=%s" % DB, "--workload", workload, "--workers", str(w),
                         "--expect", str(n), "--max-seconds", str(CFG["baseline_secs"])],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cpu = cpu_usage(snap0, cpu_snapshot())
+    snap1 = cpu_snapshot()
     purge()
     if p.returncode != 0:
         run = {"kind": "baseline", "workload": workload, "workers": w, "error": p.stderr[-2000:]}
     else:
         res = json.loads(p.stdout)
+        cpu = cpu_usage(snap0, snap1, events=res["processed"] or None)
         run = {"kind": "baseline", "workload": workload, "workers": w, "events": n,
                "processed": res["processed"], "rate": res.get("rate"),
                "rate_from_start": res.get("rate_from_start"), "errors": res["errors"],
@@ -743,6 +745,44 @@ def idle_run(conn, w):
     return run
 
 
+def profile_run(conn, workload, n, path, plugins):
+    """A separate, unscored run with one consumer under `perf record` (software cpu-clock
+    sampling): where a consumer spends its time, by library and by function."""
+    out = os.path.join(OUT, "perf.%s.data" % workload)
+    log("profile %s W=1: %d events under perf" % (workload, n))
+    set_conf(conn, enable_notifications="off", worker_count=1)
+    rows = wait_consumers(conn, 1, "idle")
+    use_plugins(conn, plugins)
+    reset_tables(conn)
+    preload(n, path)
+    pid = rows[0][1]
+    base = rows[0][3]
+    perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "1999", "-g", "-o", out,
+                             "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    snap0 = cpu_snapshot([pid])
+    set_conf(conn, enable_notifications="on")
+    deadline = time.time() + max(120, n / 20.0)
+    while time.time() < deadline and consumers(conn)[0][3] - base < n:
+        time.sleep(0.05)
+    cpu = cpu_usage(snap0, cpu_snapshot([pid]), events=n)
+    perf.send_signal(2)
+    perf.wait()
+    set_conf(conn, enable_notifications="off")
+    wait_consumers(conn, 1, "idle")
+
+    def report(*sort):
+        p = subprocess.run(["perf", "report", "-i", out, "--no-children", "--stdio", "-g", "none",
+                            "--percent-limit", "0.7", "--sort", ",".join(sort)],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return [l.rstrip() for l in p.stdout.splitlines() if l.strip() and not l.startswith("#")][:30]
+    run = {"kind": "profile", "workload": workload, "workers": 1, "events": n, "cpu": cpu,
+           "by_dso": report("dso"), "by_symbol": report("dso", "sym")}
+    RESULTS["runs"].append(run)
+    save()
+    return run
+
+
 def machine_facts():
     def cmd(*a):
         try:
@@ -820,6 +860,11 @@ def main():
             ext_run(conn, workload, best["workers"], n, path, plugins[:1],
                     batch=CFG["batch_size_extra"], kind="ext_batch")
     idle_run(conn, max(ws))
+    if CFG["profile"] and subprocess.run(["perf", "stat", "-e", "cpu-clock", "true"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+        for workload in CFG["workloads"]:
+            n = CFG["events"] if workload == "noop" else CFG["sub_events"]
+            profile_run(conn, workload, n // 2, path, ["noop"] if workload == "noop" else ["subscription"])
     RESULTS["duration_s"] = time.time() - t_start
     save()
     log("done in %.0f s" % RESULTS["duration_s"])

@@ -600,6 +600,15 @@ sbw_consumer_main(Datum main_arg)
 		 */
 		timeout_ms = sbw_amqp_heartbeat(cs.link) > 0 ?
 			sbw_amqp_heartbeat(cs.link) * 1000L / 2 : 10000;
+		if (sbw_amqp_socket(cs.link) < 0)
+		{
+			/* the library closed the socket itself (a timed-out RPC) */
+			sbw_note_error(LOG, "the broker connection was closed by the AMQP library");
+			sbw_disconnect();
+			sbw_backoff();
+			MemoryContextReset(cs.loop_cxt);
+			continue;
+		}
 		(void) WaitLatchOrSocket(MyLatch,
 								 WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT |
 								 WL_EXIT_ON_PM_DEATH,
