@@ -21,11 +21,16 @@
  *       time in microseconds since the epoch (CLOCK_REALTIME), just before
  *       basic.publish.
  *
- *   consume URL QUEUE COUNT CONSUMERS PREFETCH
+ *   consume URL QUEUE COUNT CONSUMERS PREFETCH [WORK_US [ACK_EVERY]]
  *       The AMQP ceiling: CONSUMERS threads, each with its own connection and
  *       channel, basic.qos(PREFETCH), basic.consume, basic.ack of every
  *       delivery one by one (as storyboard_worker does with batch_size 1),
  *       until COUNT deliveries were acknowledged in total.  No parsing.
+ *       For experiments on the broker's cost per acknowledgement: WORK_US
+ *       sleeps that long per delivery before acknowledging it (a stand-in
+ *       for the transaction), and ACK_EVERY > 1 acknowledges every
+ *       ACK_EVERY-th delivery with multiple=true (and the rest when the
+ *       queue runs dry).
  *
  *   count URL QUEUE
  *       Print the number of ready messages (passive queue.declare).
@@ -430,6 +435,8 @@ typedef struct Shared
 	const char *url;
 	const char *queue;
 	int			prefetch;
+	int			work_us;
+	int			ack_every;
 	pthread_barrier_t ready;
 } Shared;
 
@@ -454,6 +461,9 @@ consumer_thread(void *arg)
 					   0, 0, 0, amqp_empty_table);
 	check_reply(amqp_get_rpc_reply(conn), "basic.consume");
 
+	uint64_t	unacked_tag = 0;
+	long		unacked = 0;
+
 	for (;;)
 	{
 		amqp_envelope_t env;
@@ -461,6 +471,7 @@ consumer_thread(void *arg)
 		double		t,
 					t_recv;
 		int			done;
+		long		newly = 0;
 
 		pthread_mutex_lock(&sh->lock);
 		done = sh->acked >= sh->target;
@@ -469,23 +480,53 @@ consumer_thread(void *arg)
 			break;
 
 		amqp_maybe_release_buffers(conn);
-		r = amqp_consume_message(conn, &env, &tmo, 0);
+		r = amqp_consume_message(conn, &env, unacked ? &(struct timeval) {0, 0} : &tmo, 0);
 		if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
 			r.library_error == AMQP_STATUS_TIMEOUT)
+		{
+			if (unacked)
+			{
+				/* nothing more right now: acknowledge what we have */
+				if (amqp_basic_ack(conn, CHANNEL, unacked_tag, 1) != AMQP_STATUS_OK)
+					die("basic.ack failed");
+				newly = unacked;
+				unacked = 0;
+				t = now_s();
+				pthread_mutex_lock(&sh->lock);
+				if (t > sh->last_ack)
+					sh->last_ack = t;
+				sh->acked += newly;
+				pthread_mutex_unlock(&sh->lock);
+				res->acked += newly;
+			}
 			continue;
+		}
 		check_reply(r, "consume");
 		t_recv = now_s();
-		if (amqp_basic_ack(conn, CHANNEL, env.delivery_tag, 0) != AMQP_STATUS_OK)
-			die("basic.ack failed");
+		if (sh->work_us > 0)
+		{
+			struct timespec ts = {0, sh->work_us * 1000L};
+
+			nanosleep(&ts, NULL);
+		}
+		unacked_tag = env.delivery_tag;
+		unacked++;
 		amqp_destroy_envelope(&env);
-		res->acked++;
+		if (unacked >= sh->ack_every)
+		{
+			if (amqp_basic_ack(conn, CHANNEL, unacked_tag, sh->ack_every > 1) != AMQP_STATUS_OK)
+				die("basic.ack failed");
+			newly = unacked;
+			unacked = 0;
+		}
+		res->acked += newly;
 		t = now_s();
 		pthread_mutex_lock(&sh->lock);
 		if (sh->first_delivery == 0 || t_recv < sh->first_delivery)
 			sh->first_delivery = t_recv;
-		if (t > sh->last_ack)
+		if (newly && t > sh->last_ack)
 			sh->last_ack = t;
-		sh->acked++;
+		sh->acked += newly;
 		pthread_mutex_unlock(&sh->lock);
 	}
 	disconnect(conn);
@@ -493,7 +534,8 @@ consumer_thread(void *arg)
 }
 
 static int
-cmd_consume(const char *url, const char *queue, long count, int consumers, int prefetch)
+cmd_consume(const char *url, const char *queue, long count, int consumers, int prefetch,
+			int work_us, int ack_every)
 {
 	Shared		sh;
 	pthread_t  *threads = calloc(consumers, sizeof(pthread_t));
@@ -507,6 +549,8 @@ cmd_consume(const char *url, const char *queue, long count, int consumers, int p
 	sh.url = url;
 	sh.queue = queue;
 	sh.prefetch = prefetch;
+	sh.work_us = work_us;
+	sh.ack_every = ack_every > 0 ? ack_every : 1;
 	t0 = now_s();
 	for (i = 0; i < consumers; i++)
 		pthread_create(&threads[i], NULL, consumer_thread, &sh);
@@ -536,13 +580,14 @@ main(int argc, char **argv)
 		return cmd_publish(argv[2], argv[3], argv[4], atol(argv[5]),
 						   argc >= 7 ? atof(argv[6]) : 0.0);
 	if (argc >= 7 && strcmp(argv[1], "consume") == 0)
-		return cmd_consume(argv[2], argv[3], atol(argv[4]), atoi(argv[5]), atoi(argv[6]));
+		return cmd_consume(argv[2], argv[3], atol(argv[4]), atoi(argv[5]), atoi(argv[6]),
+						   argc >= 8 ? atoi(argv[7]) : 0, argc >= 9 ? atoi(argv[8]) : 1);
 	if (argc >= 4 && strcmp(argv[1], "count") == 0)
 		return cmd_count(argv[2], argv[3]);
 	fprintf(stderr,
 			"usage: amqp_ceiling declare URL EXCHANGE QUEUE\n"
 			"       amqp_ceiling publish URL EXCHANGE FILE COUNT [RATE]\n"
-			"       amqp_ceiling consume URL QUEUE COUNT CONSUMERS PREFETCH\n"
+			"       amqp_ceiling consume URL QUEUE COUNT CONSUMERS PREFETCH [WORK_US [ACK_EVERY]]\n"
 			"       amqp_ceiling count URL QUEUE\n");
 	return 2;
 }

@@ -73,6 +73,12 @@ CFG = {
     "profile": os.environ.get("BENCH_PROFILE", "1") == "1",
     "quiet_cores": float(os.environ.get("BENCH_QUIET_CORES", "0.25")),
     "batch_size_extra": env_int("BENCH_BATCH_EXTRA", 20),
+    # bench: bench/dataset.sql (about 10 subscribers per story, the benchmark's spec);
+    # fixture: test/fixtures/storyboard_bench_data.sql at BENCH_SCALE (about 70 per story)
+    "retry_cores": float(os.environ.get("BENCH_RETRY_CORES", "0.3")),
+    "retries": env_int("BENCH_RETRIES", 8),
+    "dataset": os.environ.get("BENCH_DATASET", "bench"),
+    "scale": env_int("BENCH_SCALE", 1),
 }
 if CFG["sub_events"] is None:
     CFG["sub_events"] = max(1000, CFG["events"] // 2)
@@ -189,47 +195,54 @@ def _proc_table():
 
 
 def cpu_snapshot(pids=()):
-    """Machine busy ticks, and the ticks of our process trees: the postmaster's, the broker's
-    and this script's (pgbench, publisher, baseline), plus each pid of `pids` on its own."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+    """CPU ticks so far: the machine's (user + nice + system, /proc/stat), our process trees'
+    (the postmaster's, the broker's, this script's: pgbench, publisher, baseline), kernel
+    threads', and each pid of `pids` on its own.  Times include reaped children."""
     procs = _proc_table()
     children = {}
     for pid, (ppid, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
 
     def tree(root):
-        total, stack, seen = 0, [root], set()
+        found, stack = set(), [root]
         while stack:
             pid = stack.pop()
-            if pid in seen or pid not in procs:
+            if pid in found or pid not in procs:
                 continue
-            seen.add(pid)
-            total += procs[pid][1]
+            found.add(pid)
             stack.extend(children.get(pid, []))
-        return total
-    buckets = {"pg": 0, "broker": 0, "tools": tree(os.getpid())}
+        return found
+    groups = {"tools": tree(os.getpid()), "pg": set(), "broker": set()}
     if os.environ.get("PG_PID", "").isdigit():
-        buckets["pg"] = tree(int(os.environ["PG_PID"]))
+        groups["pg"] = tree(int(os.environ["PG_PID"]))
     for var in ("RMQ_PID", "EPMD_PID"):
         if os.environ.get(var, "").isdigit():
-            buckets["broker"] += tree(int(os.environ[var]))
+            groups["broker"] |= tree(int(os.environ[var]))
+    buckets = {k: sum(procs[p][1] for p in v) for k, v in groups.items()}
+    kernel = tree(2)
+    buckets["kernel"] = sum(procs[p][1] for p in kernel)
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    buckets["steal"] = v[7] if len(v) > 7 else 0            # time the hypervisor took
     for pid in pids:
         buckets["pid%d" % pid] = procs.get(pid, (0, 0))[1]
+    busy = v[0] + v[1] + v[2]                                 # user, nice, system
     return time.time(), busy, buckets
 
 
 def cpu_usage(snap0, snap1, events=None):
-    """CPU used during the interval, in cores: everything, ours (by tree), others; with
-    `events`, also the CPU microseconds per event of each tree."""
+    """CPU used during the interval, in cores, by our trees, kernel threads and other
+    processes; with `events`, also the CPU microseconds per event of each of ours."""
     hz = os.sysconf("SC_CLK_TCK")
     secs = max(snap1[0] - snap0[0], 1e-6)
-    total = (snap1[1] - snap0[1]) / hz / secs
-    d = {k: (snap1[2].get(k, 0) - snap0[2].get(k, 0)) / hz for k in snap1[2]}
-    ours = sum(v for k, v in d.items() if not k.startswith("pid"))
-    out = {"seconds": round(secs, 3), "total_cores": round(total, 3), "bench_cores": round(ours / secs, 3),
-           "other_cores": round(max(total - ours / secs, 0.0), 3),
+    d = {k: max(snap1[2].get(k, 0) - snap0[2].get(k, 0), 0) / hz for k in snap1[2]}
+    # everything user space and the kernel did (not interrupts), minus ours and kernel threads
+    other = max((snap1[1] - snap0[1]) / hz - sum(d.get(k, 0) for k in ("pg", "broker", "tools", "kernel")), 0.0)
+    ours = sum(v for k, v in d.items() if k in ("pg", "broker", "tools"))
+    out = {"seconds": round(secs, 3), "bench_cores": round(ours / secs, 3),
+           "kernel_cores": round(d.get("kernel", 0) / secs, 3),
+           "steal_cores": round(d.get("steal", 0) / secs, 3),
+           "other_cores": round(other / secs, 3),
            "cores": {k: round(v / secs, 3) for k, v in d.items()}}
     if events:
         out["us_per_event"] = {k: round(1e6 * v / events, 1) for k, v in d.items()}
@@ -297,9 +310,16 @@ def setup_database():
     log("loading StoryBoard's schema from %s" % RESULTS["schema"])
     psql(["-f", schema])
     t0 = time.time()
-    psql(["-v", "stories=%d" % CFG["stories"], "-v", "users=%d" % CFG["users"],
-          "-v", "projects=%d" % CFG["projects"], "-v", "groups=%d" % CFG["groups"],
-          "-v", "events=%d" % CFG["pool"], "-f", os.path.join(HERE, "dataset.sql")])
+    if CFG["dataset"] == "fixture":
+        RESULTS["dataset_source"] = "test/fixtures/storyboard_bench_data.sql (scale %d)" % CFG["scale"]
+        psql(["-v", "scale=%d" % CFG["scale"], "-f",
+              os.path.join(ROOT, "test", "fixtures", "storyboard_bench_data.sql")])
+        CFG["stories"], CFG["users"] = 5000 * CFG["scale"], 1000 * CFG["scale"]
+    else:
+        RESULTS["dataset_source"] = "bench/dataset.sql"
+        psql(["-v", "stories=%d" % CFG["stories"], "-v", "users=%d" % CFG["users"],
+              "-v", "projects=%d" % CFG["projects"], "-v", "groups=%d" % CFG["groups"],
+              "-v", "events=%d" % CFG["pool"], "-f", os.path.join(HERE, "dataset.sql")])
     conn = connect()
     counts = {}
     for t in ("users", "projects", "project_groups", "stories", "tasks", "subscriptions",
@@ -326,8 +346,14 @@ def write_messages(conn):
         from publish import timeline_event, encode      # test/publish.py
     except ImportError:
         timeline_event = None
-    rows = q(conn, "SELECT id, created_at, story_id, comment_id, author_id, event_type, event_info"
-                   " FROM events WHERE id <= %s ORDER BY id", (CFG["pool"],))
+    if CFG["dataset"] == "fixture":
+        # the story events (story_created, task_status_changed, user_comment), shuffled
+        rows = q(conn, "SELECT id, coalesce(created_at, now() AT TIME ZONE 'UTC'), story_id, comment_id,"
+                       " author_id, event_type, event_info FROM events WHERE story_id IS NOT NULL"
+                       " ORDER BY md5(id::text)")
+    else:
+        rows = q(conn, "SELECT id, created_at, story_id, comment_id, author_id, event_type, event_info"
+                       " FROM events WHERE id <= %s ORDER BY id", (CFG["pool"],))
     path = os.path.join(OUT, "timeline_events.txt")
     sizes = []
     with open(path, "w") as f:
@@ -458,30 +484,42 @@ def write_pgbench_scripts(captured):
     tl_exprs = {3: "NULLIF((:p3)::bigint, 0)"}      # worklist_id: NULL for story events
     timeline = to_pgbench(captured["timeline"]["sql"], tl_types, tl_exprs)
     comment = to_pgbench(captured["comment"]["sql"], cm_types, {})
-    # event id -> story id and author: as bench/dataset.sql made them
-    head = ("\\set p2 ((:p1 * 7919) %% %d) + 1\n" % S +
-            "\\set p6 1 + (:p1 * 13) %% %d\n" % CFG["users"] +
-            "\\set p3 0\n")
+    if CFG["dataset"] == "fixture":
+        # test/fixtures/storyboard_bench_data.sql: events 1..N story_created, N+1..2N
+        # task_status_changed, 2N+1..3N user_comment of story i mod N with comment i mod N
+        pick_task = ("\\set s random(1, %d)\n\\set p1 :s + %d * random(0, 1)\n" % (S, S))
+        pick_comment = ("\\set s random(1, %d)\n\\set p1 2 * %d + :s\n" % (S, S))
+        head = "\\set p2 :s\n\\set p6 random(1, %d)\n\\set p3 0\n" % CFG["users"]
+        comment_id = "(:s)::bigint"
+        weights = ("@2", "@1")
+    else:
+        # bench/dataset.sql: event i is about story ((i * 7919) % S) + 1, by author
+        # 1 + (i * 13) % users; (i - 1) % 10 < 3 are user_comment events, with comment i
+        pick_task = "\\set k random(0, %d)\n\\set p1 10 * :k + 4 + random(0, 6)\n" % (blocks - 1)
+        pick_comment = "\\set k random(0, %d)\n\\set p1 10 * :k + 1 + random(0, 2)\n" % (blocks - 1)
+        head = ("\\set p2 ((:p1 * 7919) %% %d) + 1\n" % S +
+                "\\set p6 1 + (:p1 * 13) %% %d\n" % CFG["users"] +
+                "\\set p3 0\n")
+        comment_id = "(:p1)::bigint"
+        weights = ("@7", "@3")
     p_t = os.path.join(OUT, "subscription_task.pgbench")
     with open(p_t, "w") as f:
-        f.write("\\set k random(0, %d)\n" % (blocks - 1))
-        f.write("\\set p1 10 * :k + 4 + random(0, 6)\n")
+        f.write(pick_task)
         f.write(head)
         f.write(timeline + ";\n")
     p_c = os.path.join(OUT, "subscription_comment.pgbench")
     with open(p_c, "w") as f:
-        f.write("\\set k random(0, %d)\n" % (blocks - 1))
-        f.write("\\set p1 10 * :k + 1 + random(0, 2)\n")
+        f.write(pick_comment)
         f.write(head)
         f.write("BEGIN;\n")
-        f.write(to_pgbench(captured["comment"]["sql"], cm_types, {2: "(:p1)::bigint"}) + ";\n")
+        f.write(to_pgbench(captured["comment"]["sql"], cm_types, {2: comment_id}) + ";\n")
         f.write(timeline.replace("(:p4)::text", "(:ctype)::text")
                         .replace("(:p5)::text", "(:cinfo)::text") + ";\n")
         f.write("END;\n")
     RESULTS["pgbench_scripts"] = {"noop": open(p).read(), "subscription_task": open(p_t).read(),
                                   "subscription_comment": open(p_c).read()}
     scripts["subscription"] = [
-        "-f", p_t + "@7", "-f", p_c + "@3",
+        "-f", p_t + weights[0], "-f", p_c + weights[1],
         "-D", "p4=task_status_changed", "-D", "ctype=user_comment",
         "-D", 'p5={"story_id": 1, "task_id": 1, "task_title": "Task 1 of story 1", "old_status": "todo", "new_status": "inprogress"}',
         "-D", 'cinfo={"comment_id": 1, "comment_content": "Comment 1: looks good to me, \\u201c\\u00fc\\u201d c4ca4238a0b923820dcc509a6f75849b", "story_id": 7920, "story_title": "Story 7920: 1f1b2b7ef3d7d95c5e5f2a2aa4b22d1d"}',
@@ -520,6 +558,27 @@ def commit_span(conn, workload):
                      " FROM subscription_events" % (expr, expr))
     return (float(r[0]) if r[0] is not None else None,
             float(r[1]) if r[1] is not None else None, r[2])
+
+
+def retried(fn, *args, **kw):
+    """Run a measurement; if other processes took more than BENCH_RETRY_CORES cores meanwhile,
+    run it again (at most BENCH_RETRIES times in the whole benchmark) and keep the quieter one."""
+    run = fn(*args, **kw)
+    while CFG["retries"] > 0 and run.get("cpu", {}).get("other_cores", 0) > CFG["retry_cores"]:
+        CFG["retries"] -= 1
+        log("  other processes used %.2f cores during that run: once more"
+            % run["cpu"]["other_cores"])
+        again = fn(*args, **kw)
+        worse = (again if again.get("cpu", {}).get("other_cores", 99) >= run["cpu"]["other_cores"]
+                 else run)
+        RESULTS["runs"].remove(worse)
+        RESULTS.setdefault("discarded", []).append(
+            {k: worse.get(k) for k in ("kind", "workload", "workers", "rate", "p99_ms", "cpu")})
+        run = again if worse is run else run
+        if worse is again:
+            break
+    save()
+    return run
 
 
 def ext_run(conn, workload, w, n, path, plugins, batch=1, kind="ext"):
@@ -745,6 +804,26 @@ def idle_run(conn, w):
     return run
 
 
+def ack_cost_runs(w, n, path):
+    """The broker's CPU per message when every delivery is acknowledged on its own some time
+    after it arrived (as a consumer that commits first does), against acknowledging with
+    multiple=true every 20 deliveries (or when the queue runs dry)."""
+    out = []
+    for work_us, every in ((0, 1), (200, 1), (200, 20)):
+        preload(n, path)
+        quiet = wait_quiet()
+        snap0 = cpu_snapshot()
+        res = amqp("consume", AMQP_URL, QUEUE, n, w, PREFETCH, work_us, every)
+        run = {"kind": "amqp_ack", "workers": w, "events": n, "work_us": work_us, "ack_every": every,
+               "rate": res["rate"], "cpu": cpu_usage(snap0, cpu_snapshot(), events=n), "quiet": quiet}
+        log("ack cost W=%d work %d us ack every %d: %.0f msg/s, broker %.1f us/msg"
+            % (w, work_us, every, res["rate"], run["cpu"]["us_per_event"]["broker"]))
+        RESULTS["runs"].append(run)
+        out.append(run)
+    save()
+    return out
+
+
 def profile_run(conn, workload, n, path, plugins):
     """A separate, unscored run with one consumer under `perf record` (software cpu-clock
     sampling): where a consumer spends its time, by library and by function."""
@@ -841,10 +920,10 @@ def main():
         plugins = ["noop"] if workload == "noop" else ["subscription"]
         for w in ws:
             if workload == "noop":
-                amqp_run(w, n, path)
-            pgbench_run(conn, workload, w, scripts[workload])
-            ext_run(conn, workload, w, n, path, plugins)
-            baseline_run(conn, workload, w, path)
+                retried(amqp_run, w, n, path)
+            retried(pgbench_run, conn, workload, w, scripts[workload])
+            retried(ext_run, conn, workload, w, n, path, plugins)
+            retried(baseline_run, conn, workload, w, path)
 
     # latency at half the peak rate, at the best worker_count; batch_size; idle CPU
     for workload in CFG["workloads"]:
@@ -854,12 +933,13 @@ def main():
             continue
         best = max(ext, key=lambda r: r["steady_rate"])
         plugins = ["noop"] if workload == "noop" else ["subscription", "probe"]
-        latency_run(conn, workload, best["workers"], best["steady_rate"] / 2.0, path, plugins)
+        retried(latency_run, conn, workload, best["workers"], best["steady_rate"] / 2.0, path, plugins)
         if CFG["batch_size_extra"] > 1:
             n = CFG["events"] if workload == "noop" else CFG["sub_events"]
-            ext_run(conn, workload, best["workers"], n, path, plugins[:1],
+            retried(ext_run, conn, workload, best["workers"], n, path, plugins[:1],
                     batch=CFG["batch_size_extra"], kind="ext_batch")
     idle_run(conn, max(ws))
+    ack_cost_runs(max(ws), min(CFG["events"], 10000), path)
     if CFG["profile"] and subprocess.run(["perf", "stat", "-e", "cpu-clock", "true"],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
         for workload in CFG["workloads"]:

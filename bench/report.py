@@ -229,6 +229,34 @@ def main():
     for name, meas, val, ok in targets:
         A("| %s | %s | %s | %s |" % (name, meas, val, verdict(ok)))
     A("")
+    # a data-driven reading of the two ceiling targets
+    notes = []
+    for wl in workloads:
+        rate, w = best(wl, "ext")
+        ext = by.get(("ext", wl, w))
+        pgb = by.get(("pgbench", wl, w))
+        if not ext or not pgb:
+            continue
+        ue = ext.get("cpu", {}).get("us_per_event", {})
+        up = pgb.get("cpu", {}).get("us_per_event", {})
+        if not ue or not up:
+            continue
+        e_total = (ue.get("pg") or 0) + (ue.get("broker") or 0)
+        p_total = (up.get("pg") or 0) + (up.get("tools") or 0)
+        cores = m.get("nproc") or 1
+        notes.append("%s workload at W=%d: storyboard_worker used %s µs of CPU per event (PostgreSQL %s, of which "
+                     "the consumers %s; RabbitMQ %s) where pgbench used %s µs per transaction (PostgreSQL %s, "
+                     "pgbench itself %s). On %d cores that alone caps them near %s and %s events/s."
+                     % (wl, w, fmt(e_total), fmt(ue.get("pg")), fmt(ue.get("consumers")), fmt(ue.get("broker")),
+                        fmt(p_total), fmt(up.get("pg")), fmt(up.get("tools")), cores,
+                        fmt(cores * 1e6 / e_total) if e_total else "–",
+                        fmt(cores * 1e6 / p_total) if p_total else "–"))
+    if notes:
+        A("CPU per event at the best worker_count (from `/proc`, see *Where the time goes*):")
+        A("")
+        for n in notes:
+            A("* " + n)
+        A("")
     A("## Throughput")
     A("")
     if plot_ok:
@@ -289,12 +317,13 @@ def main():
       "body just before `basic.publish`. It does not include the COMMIT's WAL flush that follows "
       "(fdatasync ≈ 0.1–0.3 ms here).")
     A("")
-    A("| workload | W | rate (target / achieved) | events | p50 | p90 | p99 | p99.9 | max |")
-    A("|---|---|---|---|---|---|---|---|---|")
+    A("| workload | W | rate (target / achieved) | events | p50 | p90 | p99 | p99.9 | max | other load |")
+    A("|---|---|---|---|---|---|---|---|---|---|")
     for r in lat:
-        A("| %s | %d | %s / %s ev/s | %s | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %.2f ms |" % (
+        A("| %s | %d | %s / %s ev/s | %s | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %.2f |" % (
             r["workload"], r["workers"], fmt(r["target_rate"]), fmt(r["publish"]["rate"]), fmt(r["measured"]),
-            r["p50_ms"], r["p90_ms"], r["p99_ms"], r["p999_ms"], r["max_ms"]))
+            r["p50_ms"], r["p90_ms"], r["p99_ms"], r["p999_ms"], r["max_ms"],
+            r.get("cpu", {}).get("other_cores", 0)))
     A("")
     A("## Idle CPU")
     A("")
@@ -334,6 +363,55 @@ def main():
       "of its first run with the end of its last run of the same workload (at most %d kB of growth)."
       % TARGETS["rss_growth_kib"])
     A("")
+    A("## Where the time goes")
+    A("")
+    A("CPU time per event (µs), from `/proc` before and after each run: *consumers* = the storyboard_worker "
+      "consumer processes; *postgres* = the whole postmaster tree (consumers or pgbench backends, WAL writer, "
+      "checkpointer...); *broker* = RabbitMQ; *tools* = pgbench / the publisher / the baseline's Python processes "
+      "and this script's polling. Wall time per event per worker = W ÷ rate.")
+    A("")
+    A("| run | W | events/s | wall µs per event per worker | consumers | postgres (all) | broker | tools |")
+    A("|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        if r["kind"] not in ("ext", "pgbench", "amqp", "baseline") or not r.get("rate"):
+            continue
+        u = r.get("cpu", {}).get("us_per_event", {})
+        if not u:
+            continue
+        name = {"ext": "storyboard_worker", "pgbench": "pgbench ceiling", "amqp": "AMQP ceiling",
+                "baseline": "baseline"}[r["kind"]] + (" " + r["workload"] if r["kind"] != "amqp" else "")
+        A("| %s | %d | %s | %s | %s | %s | %s | %s |" % (
+            name, r["workers"], fmt(r["rate"]), fmt(1e6 * r["workers"] / r["rate"]),
+            fmt(u.get("consumers")) if r["kind"] == "ext" else "–", fmt(u.get("pg")), fmt(u.get("broker")),
+            fmt(u.get("tools"))))
+    A("")
+    ack = [r for r in runs if r["kind"] == "amqp_ack"]
+    if ack:
+        A("The broker's share: `bench/amqp_ceiling consume` with W=%d connections, acknowledging every delivery "
+          "at once, or each after sleeping 200 µs (a stand-in for the transaction a consumer commits before "
+          "it acknowledges), or after 200 µs but with one `basic.ack multiple=true` per 20 deliveries (or when "
+          "the queue runs dry):" % ack[0]["workers"])
+        A("")
+        A("| per delivery | acknowledged | msg/s | broker CPU µs per message | client CPU µs per message |")
+        A("|---|---|---|---|---|")
+        for r in ack:
+            A("| %s | %s | %s | %s | %s |" % ("%d µs sleep" % r["work_us"] if r["work_us"] else "nothing",
+                                            "one by one" if r["ack_every"] == 1 else "every %d, multiple" % r["ack_every"],
+                                            fmt(r["rate"]), fmt(r["cpu"]["us_per_event"].get("broker"), 1),
+                                            fmt(r["cpu"]["us_per_event"].get("tools"), 1)))
+        A("")
+    for r in runs:
+        if r["kind"] != "profile":
+            continue
+        A("Profile of one consumer (`perf record -e cpu-clock`, %s workload, %s events, W=1, not part of the "
+          "scores), by library and by function (≥ 0.7 %%):" % (r["workload"], fmt(r["events"])))
+        A("")
+        A("```")
+        A("\n".join(r["by_dso"][:12]))
+        A("")
+        A("\n".join(r["by_symbol"][:30]))
+        A("```")
+        A("")
     A("## Method")
     A("")
     A("* One command: `make bench` runs `bench/run.sh` as root: packages (apt-get), build and install, a "

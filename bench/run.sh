@@ -20,6 +20,10 @@
 #   BENCH_IDLE_SECS=10         idle CPU sample
 #   BENCH_STORIES=5000 BENCH_USERS=2000 BENCH_PROJECTS=200 BENCH_GROUPS=20   dataset
 #   BENCH_WORKLOADS="noop subscription"
+#   BENCH_QUIET_WAIT=8 BENCH_QUIET_CORES=0.25   before each run, wait up to 8 s for other processes
+#                              on the machine to use less than 0.25 cores (their load is recorded anyway)
+#   BENCH_BATCH_EXTRA=20       an extra run per workload with this storyboard_worker.batch_size (1: none)
+#   BENCH_PROFILE=1            an extra, unscored run per workload with one consumer under perf
 #   BENCH_QUICK=1              a smoke test under 2 minutes (small values for all of the above)
 #   BENCH_REPORT=BENCHMARKS.md where the report goes (the plot goes next to results.json)
 #   SKIP_APT=1                 do not run apt-get
@@ -39,8 +43,10 @@ if [ "${BENCH_QUICK:-0}" = 1 ]; then
 	: "${BENCH_WORKERS:=1 2}" "${BENCH_EVENTS:=2000}" "${BENCH_SUB_EVENTS:=1000}"
 	: "${BENCH_BASELINE_EVENTS:=300}" "${BENCH_BASELINE_SECS:=4}" "${BENCH_PGBENCH_SECS:=2}"
 	: "${BENCH_LATENCY_SECS:=2}" "${BENCH_IDLE_SECS:=2}" "${BENCH_STORIES:=1000}" "${BENCH_USERS:=500}"
+	: "${BENCH_QUIET_WAIT:=1}" "${BENCH_PROFILE:=0}"
 	export BENCH_WORKERS BENCH_EVENTS BENCH_SUB_EVENTS BENCH_BASELINE_EVENTS BENCH_BASELINE_SECS \
-		BENCH_PGBENCH_SECS BENCH_LATENCY_SECS BENCH_IDLE_SECS BENCH_STORIES BENCH_USERS
+		BENCH_PGBENCH_SECS BENCH_LATENCY_SECS BENCH_IDLE_SECS BENCH_STORIES BENCH_USERS \
+		BENCH_QUIET_WAIT BENCH_PROFILE
 fi
 FIRST_W=${BENCH_WORKERS:-1 2 4 8}
 FIRST_W=${FIRST_W%% *}

@@ -151,7 +151,7 @@ sbw_next_host(void)
 	char	   *raw = pstrdup(sbw_rabbit_host);
 	char	   *host;
 
-	if (!SplitIdentifierString(raw, ',', &hosts) || hosts == NIL)
+	if (!SplitGUCList(raw, ',', &hosts) || hosts == NIL)
 		return pstrdup(sbw_rabbit_host);
 	host = pstrdup((char *) list_nth(hosts, cs.host_index % list_length(hosts)));
 	cs.host_index++;
@@ -271,7 +271,6 @@ sbw_process_batch(SbwDelivery *batch, int n)
 		{
 			SbwMessage	msg;
 			SbwDispatch d;
-			bytea	   *key = NULL;
 
 			msg.routing_key = batch[i].routing_key;
 			msg.message_id = batch[i].message_id;
@@ -282,14 +281,11 @@ sbw_process_batch(SbwDelivery *batch, int n)
 				redelivered++;
 
 			/* applied before the ack was lost?  then only acknowledge it */
-			if (ledger)
+			if (ledger && !sbw_ledger_claim(sbw_ledger_key(&msg)) &&
+				msg.redelivered)
 			{
-				key = sbw_ledger_key(&msg);
-				if (msg.redelivered && sbw_ledger_seen(key))
-				{
-					duplicates++;
-					continue;
-				}
+				duplicates++;
+				continue;
 			}
 
 			memset(&d, 0, sizeof(d));
@@ -297,8 +293,6 @@ sbw_process_batch(SbwDelivery *batch, int n)
 			d.keep_undecodable = true;
 			d.resultcxt = CurrentMemoryContext;
 			sbw_dispatch(&d, &msg);
-			if (ledger)
-				sbw_ledger_record(key);
 			processed++;
 			dead += d.ndead_lettered;
 		}
@@ -552,6 +546,7 @@ sbw_consumer_main(Datum main_arg)
 			sbw_slot_set_state(SBW_STATE_IDLE, NULL);
 			MemoryContextReset(cs.loop_cxt);
 			sbw_wait(SBW_IDLE_CHECK_MS);
+			next_check = 0;		/* woken (CREATE EXTENSION?) or due: look */
 			continue;
 		}
 
@@ -588,6 +583,23 @@ sbw_consumer_main(Datum main_arg)
 			}
 		}
 
+		/*
+		 * Nothing to do: still allowed to consume?  A DROP EXTENSION is
+		 * noticed here within SBW_IDLE_CHECK_MS even when no message
+		 * arrives, and the consumer goes idle without an error.
+		 */
+		if (now >= next_check)
+		{
+			next_check = TimestampTzPlusMilliseconds(now, SBW_IDLE_CHECK_MS);
+			if (!sbw_ready_to_consume())
+			{
+				ready = false;
+				sbw_disconnect();
+				MemoryContextReset(cs.loop_cxt);
+				continue;
+			}
+		}
+
 		if (cs.worker_id == 0 && now >= next_prune)
 		{
 			sbw_prune_ledger();
@@ -599,7 +611,8 @@ sbw_consumer_main(Datum main_arg)
 		 * go out and a silent broker is noticed within two intervals.
 		 */
 		timeout_ms = sbw_amqp_heartbeat(cs.link) > 0 ?
-			sbw_amqp_heartbeat(cs.link) * 1000L / 2 : 10000;
+			sbw_amqp_heartbeat(cs.link) * 1000L / 2 : SBW_IDLE_CHECK_MS;
+		timeout_ms = Min(timeout_ms, SBW_IDLE_CHECK_MS);
 		if (sbw_amqp_socket(cs.link) < 0)
 		{
 			/* the library closed the socket itself (a timed-out RPC) */

@@ -352,7 +352,7 @@ sbw_is_transient(int sqlerrcode)
 static void
 sbw_retry_sleep(int attempt)
 {
-	long		delay_ms = 100L << Min(attempt, 6);
+	long		delay_ms = 100L << Min(attempt - 1, 6);	/* 100 ms, 200 ms, ... */
 
 	delay_ms = Min(delay_ms, 5000);
 	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,

@@ -7,10 +7,12 @@
  * its basic.ack reaches the broker gets the message again, flagged
  * redelivered.  Running the plugins again would apply the event twice, so
  * every processed message leaves a row in storyboard_worker.ledger, written
- * in the event's own transaction: either the effects and the ledger row
- * both committed, or neither did.  Only redelivered messages are looked up
- * (a first delivery cannot have been processed), so the common path costs
- * one index insert.
+ * in the event's own transaction, before its plugins run: either the
+ * effects and the ledger row both committed, or neither did.  A redelivered
+ * message whose key is already there is a duplicate; a first delivery whose
+ * key is there is a different message with the same routing key and body
+ * (StoryBoard sets no message_id) and is processed.  One index insert per
+ * event.
  *
  * The key is the AMQP message_id when the publisher sets one, otherwise a
  * SHA-256 digest of routing key and body (StoryBoard sets no message_id).
@@ -31,8 +33,7 @@
 
 #include "storyboard_worker.h"
 
-static SPIPlanPtr seen_plan = NULL;
-static SPIPlanPtr record_plan = NULL;
+static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr prune_plan = NULL;
 
 /*
@@ -99,40 +100,31 @@ sbw_ledger_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types)
 	return *cache;
 }
 
-/* Was this message processed (committed) already?  SPI must be connected. */
+/*
+ * Claim the message in the ledger, in the current transaction, before any
+ * plugin runs; SPI must be connected.  Returns false if the key is already
+ * there.  Claiming first matters when two consumers hold the same message
+ * at once (the broker dropped a slow consumer for missed heartbeats and
+ * redelivered its message elsewhere): the second INSERT waits on the
+ * first's uncommitted row, then finds it committed (a duplicate: skip) or
+ * rolled back (claimed: run).
+ */
 bool
-sbw_ledger_seen(bytea *key)
+sbw_ledger_claim(bytea *key)
 {
 	Oid			types[1] = {BYTEAOID};
 	Datum		values[1] = {PointerGetDatum(key)};
 	SPIPlanPtr	plan;
 	int			ret;
 
-	plan = sbw_ledger_plan(&seen_plan,
-						   "SELECT 1 FROM storyboard_worker.ledger WHERE message_key = $1",
-						   1, types);
-	ret = SPI_execute_plan(plan, values, NULL, false, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "ledger lookup failed: %s", SPI_result_code_string(ret));
-	return SPI_processed > 0;
-}
-
-/* Record the message as processed, in the current transaction. */
-void
-sbw_ledger_record(bytea *key)
-{
-	Oid			types[1] = {BYTEAOID};
-	Datum		values[1] = {PointerGetDatum(key)};
-	SPIPlanPtr	plan;
-	int			ret;
-
-	plan = sbw_ledger_plan(&record_plan,
+	plan = sbw_ledger_plan(&claim_plan,
 						   "INSERT INTO storyboard_worker.ledger (message_key)"
 						   " VALUES ($1) ON CONFLICT (message_key) DO NOTHING",
 						   1, types);
 	ret = SPI_execute_plan(plan, values, NULL, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "ledger insert failed: %s", SPI_result_code_string(ret));
+	return SPI_processed == 1;
 }
 
 /* Delete rows older than the retention; returns how many. */

@@ -12,6 +12,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -218,14 +219,9 @@ sbw_worker_stats(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/*
- * SQL: storyboard_worker.wake_workers().  Sets the latch of the launcher
- * and of every consumer, so that CREATE EXTENSION (which calls this) or a
- * change an operator wants noticed now takes effect without waiting for the
- * next periodic check.  Returns how many processes were woken.
- */
-Datum
-sbw_wake_workers(PG_FUNCTION_ARGS)
+/* Set the latch of the launcher and of every consumer; how many. */
+static int
+sbw_set_latches(void)
 {
 	int			woken = 0;
 	int			i;
@@ -233,7 +229,7 @@ sbw_wake_workers(PG_FUNCTION_ARGS)
 	ListCell   *lc;
 
 	if (sbw_shared == NULL)
-		PG_RETURN_INT32(0);
+		return 0;
 
 	if (sbw_shared->launcher_pid != 0)
 		pids = lappend_int(pids, sbw_shared->launcher_pid);
@@ -258,5 +254,58 @@ sbw_wake_workers(PG_FUNCTION_ARGS)
 			woken++;
 		}
 	}
-	PG_RETURN_INT32(woken);
+	list_free(pids);
+	return woken;
+}
+
+static bool wake_at_commit = false;
+static bool wake_callback_registered = false;
+
+/* Transaction callback: wake the workers once our transaction commits. */
+static void
+sbw_wake_xact_callback(XactEvent event, void *arg)
+{
+	if (!wake_at_commit)
+		return;
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT)
+	{
+		wake_at_commit = false;
+		(void) sbw_set_latches();
+	}
+	else if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+		wake_at_commit = false;
+}
+
+/*
+ * SQL: storyboard_worker.wake_workers().  Wakes the launcher and every
+ * consumer when the calling transaction commits (not before: woken now,
+ * they would not see the uncommitted CREATE EXTENSION that calls this), so
+ * they notice at once instead of at their next periodic check.  Returns how
+ * many processes will be woken.
+ */
+Datum
+sbw_wake_workers(PG_FUNCTION_ARGS)
+{
+	int			n = 0;
+	int			i;
+
+	if (sbw_shared == NULL)
+		PG_RETURN_INT32(0);
+	if (!wake_callback_registered)
+	{
+		RegisterXactCallback(sbw_wake_xact_callback, NULL);
+		wake_callback_registered = true;
+	}
+	wake_at_commit = true;
+
+	if (sbw_shared->launcher_pid != 0)
+		n++;
+	for (i = 0; i < SBW_MAX_WORKERS; i++)
+	{
+		SpinLockAcquire(&sbw_shared->slots[i].mutex);
+		if (sbw_shared->slots[i].pid != 0)
+			n++;
+		SpinLockRelease(&sbw_shared->slots[i].mutex);
+	}
+	PG_RETURN_INT32(n);
 }

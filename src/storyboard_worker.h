@@ -154,8 +154,7 @@ typedef struct SbwMessage
 /* ---- ledger.c ---- */
 extern bool sbw_ledger_available(void);
 extern bytea *sbw_ledger_key(const SbwMessage *msg);
-extern bool sbw_ledger_seen(bytea *key);
-extern void sbw_ledger_record(bytea *key);
+extern bool sbw_ledger_claim(bytea *key);
 extern uint64 sbw_ledger_prune(int retention_s);
 
 #endif							/* STORYBOARD_WORKER_H */

@@ -59,7 +59,6 @@ def _fault_run(cluster, services, pglog, metrics, name, inject, message_ids=Fals
     sbw.set_control(cluster, "slow_ms", 1)      # ~1 ms per event: the fault hits mid-stream
     sbw.register(cluster, "slow")
     base = g_util.CounterBase(cluster)
-    mark = pglog.mark()
     try:
         pub_secs = g_util.publish_window(services.amqp_url, msgs, persistent=True)
         wait_for(lambda: cluster.seen(prefix)[1] >= n // 5, 120, "a fifth of the events applied")
