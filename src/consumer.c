@@ -594,6 +594,7 @@ sbw_consumer_main(Datum main_arg)
 			if (!sbw_ready_to_consume())
 			{
 				ready = false;
+				next_check = 0;	/* the idle branch logs why, once */
 				sbw_disconnect();
 				MemoryContextReset(cs.loop_cxt);
 				continue;
