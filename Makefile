@@ -14,6 +14,8 @@ OBJS = \
 	src/subscription.o
 
 EXTENSION = storyboard_worker
+# storyboard_worker--1.0.sql + the upgrade scripts: CREATE EXTENSION of the
+# default version runs 1.0 and then each update, so the two paths cannot differ.
 DATA = $(wildcard sql/storyboard_worker--*.sql)
 PGFILEDESC = "storyboard_worker - StoryBoard's event worker inside PostgreSQL"
 

@@ -1,4 +1,6 @@
--- Upgrade path: 1.0 -> 1.1 gives the same objects as a fresh 1.1 install.
+-- Upgrade path: an installed 1.0 updated with ALTER EXTENSION ... UPDATE keeps
+-- its registrations and dead letters and ends with the same objects and
+-- privileges as CREATE EXTENSION of the default version (1.1).
 SET client_min_messages = warning;
 CREATE EXTENSION storyboard_worker VERSION '1.0';
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';

@@ -222,6 +222,25 @@ sbw_connect(void)
 }
 
 /*
+ * Error recovery inside a PG_CATCH of the consumer's own transactions: keep
+ * the process alive, roll the transaction back, and log "<what>: <error>"
+ * (also shown in the stats view).
+ */
+static void
+sbw_recover(MemoryContext oldcxt, const char *what)
+{
+	ErrorData  *edata;
+
+	MemoryContextSwitchTo(oldcxt);
+	edata = CopyErrorData();
+	FlushErrorState();
+	AbortCurrentTransaction();
+	MemoryContextSwitchTo(oldcxt);
+	sbw_note_error(LOG, psprintf("%s: %s", what, edata->message));
+	FreeErrorData(edata);
+}
+
+/*
  * Is there a ledger table?  Looked up again only after DDL (the extension
  * updated to 1.1, dropped, created), not for every batch.
  */
@@ -303,15 +322,7 @@ sbw_process_batch(SbwDelivery *batch, int n)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		sbw_note_error(LOG, psprintf("transaction failed, %d message(s) requeued: %s",
-									 n, edata->message));
-		FreeErrorData(edata);
+		sbw_recover(oldcxt, psprintf("transaction failed, %d message(s) requeued", n));
 		ok = false;
 	}
 	PG_END_TRY();
@@ -426,14 +437,7 @@ sbw_prune_ledger(void)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		sbw_note_error(LOG, psprintf("could not prune the ledger: %s", edata->message));
-		FreeErrorData(edata);
+		sbw_recover(oldcxt, "could not prune the ledger");
 	}
 	PG_END_TRY();
 	MemoryContextSwitchTo(oldcxt);

@@ -247,12 +247,15 @@ sbw_check_owner(const char *what)
 }
 
 /*
- * Check that 'fn' can be called as the handler of a plugin: a plain
- * function (not a procedure or aggregate) taking exactly one argument of
- * type storyboard_worker.event and returning void.
+ * Check that 'fn' is a plain function (not a procedure, aggregate or
+ * set-returning function) returning 'rettype' and taking no argument
+ * (argtype InvalidOid) or exactly one of type 'argtype'.  'what', 'detail'
+ * and 'decl' (with %s for the function's name) make the error say how to
+ * declare it.
  */
 static void
-sbw_check_handler(Oid fn, Oid event_type)
+sbw_check_signature(Oid fn, Oid rettype, Oid argtype, const char *what,
+					const char *detail, const char *decl)
 {
 	HeapTuple	tup;
 	Form_pg_proc proc;
@@ -266,50 +269,17 @@ sbw_check_handler(Oid fn, Oid event_type)
 	proc = (Form_pg_proc) GETSTRUCT(tup);
 	ok = proc->prokind == PROKIND_FUNCTION &&
 		!proc->proretset &&
-		proc->prorettype == VOIDOID &&
-		proc->pronargs == 1 &&
-		proc->proargtypes.values[0] == event_type;
+		proc->prorettype == rettype &&
+		(OidIsValid(argtype) ?
+		 (proc->pronargs == 1 && proc->proargtypes.values[0] == argtype) :
+		 proc->pronargs == 0);
 	ReleaseSysCache(tup);
 	if (!ok)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_FUNCTION_DEFINITION),
-				 errmsg("function %s cannot be a plugin handler",
-						format_procedure(fn)),
-				 errdetail("A handler takes one argument of type storyboard_worker.event and returns void."),
-				 errhint("Declare it as CREATE FUNCTION %s(event storyboard_worker.event) RETURNS void.",
-						 get_func_name(fn))));
-}
-
-/*
- * Check that 'fn' can be a plugin's enabled() test: a plain function with
- * no arguments returning boolean (WorkerTaskBase.enabled()).
- */
-static void
-sbw_check_enabled(Oid fn)
-{
-	HeapTuple	tup;
-	Form_pg_proc proc;
-	bool		ok;
-
-	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
-	if (!HeapTupleIsValid(tup))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_FUNCTION),
-				 errmsg("function with OID %u does not exist", fn)));
-	proc = (Form_pg_proc) GETSTRUCT(tup);
-	ok = proc->prokind == PROKIND_FUNCTION &&
-		!proc->proretset &&
-		proc->prorettype == BOOLOID &&
-		proc->pronargs == 0;
-	ReleaseSysCache(tup);
-	if (!ok)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_FUNCTION_DEFINITION),
-				 errmsg("function %s cannot be a plugin's enabled test",
-						format_procedure(fn)),
-				 errdetail("An enabled test takes no arguments and returns boolean."),
-				 errhint("Declare it as CREATE FUNCTION %s() RETURNS boolean.",
-						 get_func_name(fn))));
+				 errmsg("function %s cannot be %s", format_procedure(fn), what),
+				 errdetail_internal("%s", detail),
+				 errhint(decl, get_func_name(fn))));
 }
 
 /*
@@ -347,9 +317,13 @@ sbw_register_plugin(PG_FUNCTION_ARGS)
 	event_type = sbw_event_type_oid();
 	if (!OidIsValid(event_type))
 		elog(ERROR, "type storyboard_worker.event does not exist");
-	sbw_check_handler(handler, event_type);
+	sbw_check_signature(handler, VOIDOID, event_type, "a plugin handler",
+						"A handler takes one argument of type storyboard_worker.event and returns void.",
+						"Declare it as CREATE FUNCTION %s(event storyboard_worker.event) RETURNS void.");
 	if (OidIsValid(enabled))
-		sbw_check_enabled(enabled);
+		sbw_check_signature(enabled, BOOLOID, InvalidOid, "a plugin's enabled test",
+							"An enabled test takes no arguments and returns boolean.",
+							"Declare it as CREATE FUNCTION %s() RETURNS boolean.");
 
 	values[0] = PointerGetDatum(name);
 	values[1] = ObjectIdGetDatum(handler);
