@@ -66,17 +66,6 @@ check_string(const char *name, const char *v)
 		fail("invalid UTF-8 in a decoded string", name);
 }
 
-static void
-free_event(SbwEvent *ev)
-{
-	char	   *strs[] = {ev->method, ev->url, ev->path, ev->query_string,
-		ev->resource, ev->sub_resource, ev->resource_before, ev->resource_after};
-	size_t		i;
-
-	for (i = 0; i < lengthof(strs); i++)
-		if (strs[i] != NULL)
-			pfree(strs[i]);
-}
 
 /*
  * A snapshot must be a JSON object that the decoder accepts again and
@@ -99,7 +88,7 @@ check_snapshot(const char *snap)
 		fail("snapshot does not decode again", errmsg);
 	if (ev2.resource_after == NULL || strcmp(ev2.resource_after, snap) != 0)
 		fail("snapshot changes when decoded again", ev2.resource_after);
-	free_event(&ev2);
+	sbw_stub_free_event(&ev2);
 	pfree(body);
 }
 
@@ -156,7 +145,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (errmsg != NULL || sqlstate != 0)
 			fail("success with an error set", errmsg);
 		check_event(&ev);
-		free_event(&ev);
+		sbw_stub_free_event(&ev);
 	}
 	else
 	{

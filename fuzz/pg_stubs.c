@@ -24,6 +24,7 @@
 
 #include "utils/memutils.h"
 
+#include "event_decode.h"
 #include "pg_stubs.h"
 
 /* port.h maps these to pg_* versions that live in the server */
@@ -123,4 +124,20 @@ long
 sbw_stub_live_allocations(void)
 {
 	return sbw_stub_live;
+}
+
+/*
+ * Free what a successful sbw_decode_event() handed back, so the harnesses
+ * can check that nothing else is left allocated.
+ */
+void
+sbw_stub_free_event(struct SbwEvent *ev)
+{
+	char	   *strs[] = {ev->method, ev->url, ev->path, ev->query_string,
+		ev->resource, ev->sub_resource, ev->resource_before, ev->resource_after};
+	size_t		i;
+
+	for (i = 0; i < lengthof(strs); i++)
+		if (strs[i] != NULL)
+			pfree(strs[i]);
 }

@@ -45,17 +45,6 @@ sqlstate_str(int code)
 	return buf;
 }
 
-static void
-free_event(SbwEvent *ev)
-{
-	char	   *strs[] = {ev->method, ev->url, ev->path, ev->query_string,
-		ev->resource, ev->sub_resource, ev->resource_before, ev->resource_after};
-	size_t		i;
-
-	for (i = 0; i < lengthof(strs); i++)
-		if (strs[i] != NULL)
-			pfree(strs[i]);
-}
 
 static void
 result(const char *name, bool ok, const char *why)
@@ -152,7 +141,7 @@ expect_event_len(const char *name, const char *body, size_t len, SbwEvent want)
 			want.has_sub_resource_id, want.sub_resource_id, &why);
 	cmp_str("resource_before", ev.resource_before, want.resource_before, &why);
 	cmp_str("resource_after", ev.resource_after, want.resource_after, &why);
-	free_event(&ev);
+	sbw_stub_free_event(&ev);
 	if (why == NULL && sbw_stub_live_allocations() != before)
 		why = psprintf("%ld allocations leaked",
 					   sbw_stub_live_allocations() - before);
@@ -181,7 +170,7 @@ expect_error_len(const char *name, const char *body, size_t len,
 
 	if (sbw_decode_event(body, len, max_bytes, &ev, &errmsg, &sqlstate))
 	{
-		free_event(&ev);
+		sbw_stub_free_event(&ev);
 		result(name, false, "decoded, but an error was expected");
 		return;
 	}

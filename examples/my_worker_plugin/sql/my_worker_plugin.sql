@@ -64,3 +64,4 @@ DROP TABLE subscription_events, subscriptions, events, board_permissions,
 	project_groups, projects, team_permissions, user_permissions, permissions,
 	team_membership, teams, user_preferences, users;
 DROP TYPE task_status, task_priority, target_type;
+DROP FUNCTION storyboard_fixture_reset_ids();
