@@ -402,10 +402,4 @@ SELECT plugin, succeeded, sqlstate, error, dead_letter_id IS NOT NULL AS dead_le
 DROP EXTENSION storyboard_worker;
 DROP FUNCTION deliver(text, text), hook_body(text, text, text, text, text, text, int),
 	timeline_body(int, int);
-DROP TABLE subscription_events, subscriptions, events, board_permissions,
-	board_worklists, boards, worklist_permissions, worklist_items, worklists,
-	comments, tasks, story_permissions, stories, project_group_mapping,
-	project_groups, projects, team_permissions, user_permissions, permissions,
-	team_membership, teams, user_preferences, users;
-DROP TYPE task_status, task_priority, target_type;
-DROP FUNCTION storyboard_fixture_reset_ids();
+\i test/fixtures/storyboard_schema_drop.sql

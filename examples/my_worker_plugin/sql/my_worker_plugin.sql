@@ -58,10 +58,4 @@ SELECT storyboard_worker.unregister_plugin('my_worker_plugin');
 DROP EXTENSION my_worker_plugin;
 DROP EXTENSION storyboard_worker;
 DROP FUNCTION timeline_body(int);
-DROP TABLE subscription_events, subscriptions, events, board_permissions,
-	board_worklists, boards, worklist_permissions, worklist_items, worklists,
-	comments, tasks, story_permissions, stories, project_group_mapping,
-	project_groups, projects, team_permissions, user_permissions, permissions,
-	team_membership, teams, user_preferences, users;
-DROP TYPE task_status, task_priority, target_type;
-DROP FUNCTION storyboard_fixture_reset_ids();
+\i ../../test/fixtures/storyboard_schema_drop.sql
