@@ -726,7 +726,51 @@ def baseline_run(conn, workload, w, path):
     return run
 
 
-def latency_run(conn, workload, w, rate, path, plugins):
+def concurrent_run(conn, workload, w, n, path, plugins):
+    """End to end with the publisher running: w consumers connected and idle, then n events
+    published as fast as the broker confirms them; from the first publish to the last commit."""
+    log("concurrent %s W=%d: %d events published while consuming" % (workload, w, n))
+    set_conf(conn, enable_notifications="off", worker_count=w)
+    wait_consumers(conn, w, "idle")
+    use_plugins(conn, plugins)
+    reset_tables(conn)
+    purge()
+    set_conf(conn, enable_notifications="on")
+    rows = wait_consumers(conn, w, "consuming")
+    base = sum(r[3] for r in rows)
+    quiet = wait_quiet()
+    snap0 = cpu_snapshot([r[1] for r in rows])
+    pub = amqp("publish", AMQP_URL, EXCHANGE, path, n)
+    deadline = time.time() + max(120, n / 20.0)
+    done = 0
+    while time.time() < deadline:
+        done = sum(r[3] for r in consumers(conn)) - base
+        if done >= n:
+            break
+        time.sleep(0.02)
+    cpu = cpu_usage(snap0, cpu_snapshot([r[1] for r in rows]), events=n)
+    first, last, nrows = commit_span(conn, workload)
+    dead = q1(conn, "SELECT count(*) FROM storyboard_worker.dead_letters")[0]
+    set_conf(conn, enable_notifications="off")
+    wait_consumers(conn, w, "idle")
+    run = {"kind": "ext_concurrent", "workload": workload, "workers": w, "events": n, "processed": done,
+           "publish": pub, "first_commit": first, "last_commit": last, "dead_letters": dead,
+           "cpu": cpu, "quiet": quiet}
+    if done < n or last is None:
+        run["error"] = "only %d of %d events processed" % (done, n)
+        purge()
+    else:
+        run["seconds"] = last - pub["start"]
+        run["rate"] = n / (last - pub["start"])
+        run["steady_rate"] = (n - 1) / (last - first) if last > first else None
+    log("  -> %s (publisher %.0f msg/s)" % ({k: run.get(k) for k in ("rate", "steady_rate", "dead_letters", "error")},
+                                           pub["rate"]))
+    RESULTS["runs"].append(run)
+    save()
+    return run
+
+
+def latency_run(conn, workload, w, rate, path, plugins, basis="concurrent"):
     """Publish at `rate` msg/s for latency_secs with w consumers already consuming; the
     no-op plugin (alone, or after subscription as a probe) records commit-side time."""
     n = max(100, int(rate * CFG["latency_secs"]))
@@ -738,26 +782,50 @@ def latency_run(conn, workload, w, rate, path, plugins):
     purge()
     set_conf(conn, enable_notifications="on")
     rows = wait_consumers(conn, w, "consuming")
+    # warm-up, not measured: the consumers re-plan after the TRUNCATE above
     base = sum(r[3] for r in rows)
+    warm = max(50, int(rate))
+    amqp("publish", AMQP_URL, EXCHANGE, path, warm, "%.3f" % rate)
+    deadline = time.time() + 60
+    while time.time() < deadline and sum(r[3] for r in consumers(conn)) - base < warm:
+        time.sleep(0.05)
+    base = sum(r[3] for r in consumers(conn))
     quiet = wait_quiet()
+    counters = """SELECT (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter),
+                         (SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0) FROM pg_stat_all_tables),
+                         (SELECT wal_sync FROM pg_stat_wal), (SELECT wal_sync_time FROM pg_stat_wal)"""
+    pg0 = q1(conn, counters)
+    t_measure = time.time()
     snap0 = cpu_snapshot()
     pub = amqp("publish", AMQP_URL, EXCHANGE, path, n, "%.3f" % rate)
     cpu = cpu_usage(snap0, cpu_snapshot())
     deadline = time.time() + 60
     while time.time() < deadline and sum(r[3] for r in consumers(conn)) - base < n:
         time.sleep(0.05)
+    time.sleep(0.2)
+    pg1 = q1(conn, counters)
+    lat = "((extract(epoch FROM committed_at) * 1e6 - published_us) / 1000.0)::float8"
+    since = int(t_measure * 1e6)
     r = q1(conn, """
         SELECT count(*),
                percentile_cont(ARRAY[0.5, 0.9, 0.99, 0.999]) WITHIN GROUP (ORDER BY l),
                max(l), avg(l)
-          FROM (SELECT ((extract(epoch FROM committed_at) * 1e6 - published_us) / 1000.0)::float8 AS l
-                  FROM bench.noop_events) x""")
+          FROM (SELECT %s AS l FROM bench.noop_events WHERE published_us >= %%s) x""" % lat, (since,))
+    # where the slow ones are: 100 ms windows (by publish time) whose slowest event took > 10 ms
+    stalls = q(conn, """
+        SELECT round((floor(published_us / 100000.0) * 100000 - %%s) / 1e6, 1)::float8 AS at_s, max(%s)
+          FROM bench.noop_events WHERE published_us >= %%s GROUP BY 1 HAVING max(%s) > 10 ORDER BY 1"""
+             % (lat, lat), (since, since))
     set_conf(conn, enable_notifications="off")
     wait_consumers(conn, w, "idle")
-    run = {"kind": "latency", "workload": workload, "workers": w, "target_rate": rate,
+    run = {"kind": "latency", "workload": workload, "workers": w, "target_rate": rate, "basis": basis,
            "events": n, "publish": pub, "measured": r[0],
            "p50_ms": r[1][0], "p90_ms": r[1][1], "p99_ms": r[1][2], "p999_ms": r[1][3],
-           "max_ms": r[2], "avg_ms": r[3], "cpu": cpu, "quiet": quiet}
+           "max_ms": r[2], "avg_ms": r[3], "cpu": cpu, "quiet": quiet,
+           "slow_windows": [[a, round(b, 1)] for a, b in stalls], "windows": int(CFG["latency_secs"] * 10),
+           "checkpoints": pg1[0] - pg0[0], "autovacuum_analyze": int(pg1[1] - pg0[1]),
+           "wal_syncs": pg1[2] - pg0[2],
+           "wal_sync_avg_ms": (pg1[3] - pg0[3]) / (pg1[2] - pg0[2]) if pg1[2] > pg0[2] else None}
     log("  -> p50 %.2f ms p99 %.2f ms max %.2f ms (%d events, published at %.0f msg/s)"
         % (run["p50_ms"], run["p99_ms"], run["max_ms"], r[0], pub["rate"]))
     RESULTS["runs"].append(run)
@@ -836,8 +904,8 @@ def profile_run(conn, workload, n, path, plugins):
     preload(n, path)
     pid = rows[0][1]
     base = rows[0][3]
-    perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "1999", "-g", "-o", out,
-                             "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "--call-graph", "dwarf,16384",
+                             "-o", out, "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     snap0 = cpu_snapshot([pid])
     set_conf(conn, enable_notifications="on")
@@ -855,8 +923,17 @@ def profile_run(conn, workload, n, path, plugins):
                             "--percent-limit", "0.7", "--sort", ",".join(sort)],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         return [l.rstrip() for l in p.stdout.splitlines() if l.strip() and not l.startswith("#")][:30]
+    # inclusive time of the steps of one event (with their callees)
+    p = subprocess.run(["perf", "report", "-i", out, "--children", "--stdio", "-g", "none",
+                        "--percent-limit", "0.3", "--sort", "sym"],
+                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    inclusive = {}
+    for line in p.stdout.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+([\d.]+)%\s+\[[.k]\]\s+(\S+)", line)
+        if m and m.group(3) not in inclusive:
+            inclusive[m.group(3)] = float(m.group(1))
     run = {"kind": "profile", "workload": workload, "workers": 1, "events": n, "cpu": cpu,
-           "by_dso": report("dso"), "by_symbol": report("dso", "sym")}
+           "by_dso": report("dso"), "by_symbol": report("dso", "sym"), "inclusive": inclusive}
     RESULTS["runs"].append(run)
     save()
     return run
@@ -933,7 +1010,15 @@ def main():
             continue
         best = max(ext, key=lambda r: r["steady_rate"])
         plugins = ["noop"] if workload == "noop" else ["subscription", "probe"]
-        retried(latency_run, conn, workload, best["workers"], best["steady_rate"] / 2.0, path, plugins)
+        n = CFG["events"] if workload == "noop" else CFG["sub_events"]
+        # the peak with the publisher running on the same machine, and half of it
+        conc = retried(concurrent_run, conn, workload, best["workers"], n, path, plugins[:1])
+        if conc.get("rate"):
+            retried(latency_run, conn, workload, best["workers"], conc["rate"] / 2.0, path, plugins,
+                    basis="concurrent")
+        # and half of the pre-loaded peak, which leaves less than half of the machine idle
+        retried(latency_run, conn, workload, best["workers"], best["steady_rate"] / 2.0, path, plugins,
+                basis="preloaded")
         if CFG["batch_size_extra"] > 1:
             n = CFG["events"] if workload == "noop" else CFG["sub_events"]
             retried(ext_run, conn, workload, best["workers"], n, path, plugins[:1],

@@ -18,7 +18,9 @@
 #   BENCH_PGBENCH_SECS=10      each pgbench run
 #   BENCH_LATENCY_SECS=15      each latency run
 #   BENCH_IDLE_SECS=10         idle CPU sample
-#   BENCH_STORIES=5000 BENCH_USERS=2000 BENCH_PROJECTS=200 BENCH_GROUPS=20   dataset
+#   BENCH_STORIES=5000 BENCH_USERS=2000 BENCH_PROJECTS=200 BENCH_GROUPS=20   dataset (bench/dataset.sql)
+#   BENCH_DATASET=fixture BENCH_SCALE=1   use test/fixtures/storyboard_bench_data.sql instead
+#                              (about 70 subscribers per story instead of about 12)
 #   BENCH_WORKLOADS="noop subscription"
 #   BENCH_QUIET_WAIT=8 BENCH_QUIET_CORES=0.25   before each run, wait up to 8 s for other processes
 #                              on the machine to use less than 0.25 cores (their load is recorded anyway)
@@ -108,6 +110,7 @@ storyboard_worker.enable_notifications = off
 storyboard_worker.worker_count = $FIRST_W
 synchronous_commit = on
 max_connections = 100
+track_wal_io_timing = on
 EOF
 PG_FSYNC=on PG_PRELOAD=storyboard_worker PG_EXTRA_CONF="$SVC_DIR/bench.conf" pg_start
 rmq_wait_ready

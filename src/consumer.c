@@ -19,7 +19,8 @@
  * The path of one delivery: up to batch_size deliveries that are already
  * here are taken, each is dispatched in its own subtransaction of one
  * transaction, the transaction commits, and only then are they
- * acknowledged (one basic.ack with multiple=true).  If the transaction
+ * acknowledged: one basic.ack with multiple=true per prefetch/4 committed
+ * deliveries, or as soon as the queue runs dry.  If the transaction
  * cannot commit, nothing is acknowledged: the deliveries are requeued
  * (basic.nack), the connection is dropped and the consumer backs off.
  *
@@ -64,6 +65,8 @@ typedef struct SbwConsumerState
 	int			failures;		/* consecutive connection failures */
 	bool		logged_waiting;
 	const char *waiting_for;	/* why we are idle, for the log */
+	uint64		ack_tag;		/* last committed, unacknowledged delivery */
+	int			ack_pending;	/* committed deliveries not yet acked */
 	MemoryContext loop_cxt;		/* reset after every wake-up */
 	MemoryContext batch_cxt;	/* reset after every batch */
 } SbwConsumerState;
@@ -94,15 +97,42 @@ sbw_note_error(int elevel, const char *msg)
 	sbw_slot_error(msg);
 }
 
-/* Drop the broker connection (if any). */
+/*
+ * Acknowledge, with one basic.ack multiple=true, every delivery committed
+ * so far.  Acks are deferred (never before COMMIT, sometimes a little
+ * after): one ack frame per ack_every deliveries, or whenever the queue
+ * runs dry, halves the broker's work per message.  A connection lost with
+ * acks pending means those messages come back redelivered, and the ledger
+ * recognises them.
+ */
+static bool
+sbw_flush_acks(void)
+{
+	char	   *err = NULL;
+	bool		ok = true;
+
+	if (cs.ack_pending == 0 || cs.link == NULL)
+		return true;
+	if (!sbw_amqp_ack(cs.link, cs.ack_tag, true, &err))
+	{
+		sbw_note_error(LOG, psprintf("acknowledgement lost after commit: %s", err));
+		ok = false;
+	}
+	cs.ack_pending = 0;
+	return ok;
+}
+
+/* Drop the broker connection (if any), acknowledging what was committed. */
 static void
 sbw_disconnect(void)
 {
 	if (cs.link)
 	{
+		(void) sbw_flush_acks();
 		sbw_amqp_close(cs.link);
 		cs.link = NULL;
 	}
+	cs.ack_pending = 0;
 }
 
 /* Schedule the next connection attempt: 1 s, 2 s, 4 s ... retry_delay. */
@@ -333,19 +363,23 @@ sbw_process_batch(SbwDelivery *batch, int n)
 
 	if (!ok)
 	{
-		/* never acknowledged: give them back to the broker */
+		/*
+		 * Never acknowledged: give them back to the broker.  What earlier
+		 * batches committed is acknowledged first, so that the nack's
+		 * "multiple" covers this batch only.
+		 */
+		if (!sbw_flush_acks())
+			return false;
 		if (!sbw_amqp_nack(cs.link, batch[n - 1].delivery_tag, true, true, &err))
 			sbw_note_error(LOG, err);
 		return false;
 	}
 
 	sbw_slot_count(0, processed, dead, redelivered, duplicates);
-	if (!sbw_amqp_ack(cs.link, batch[n - 1].delivery_tag, n > 1, &err))
-	{
-		/* committed but not acknowledged: it will come back redelivered */
-		sbw_note_error(LOG, psprintf("acknowledgement lost after commit: %s", err));
-		return false;
-	}
+	cs.ack_tag = batch[n - 1].delivery_tag;
+	cs.ack_pending += n;
+	if (cs.ack_pending >= Max(sbw_rabbit_prefetch / 4, 1))
+		return sbw_flush_acks();
 	return true;
 }
 
@@ -397,7 +431,12 @@ sbw_drain(void)
 			return -1;
 		}
 		if (n < batch_size)
-			break;				/* nothing more right now */
+		{
+			/* nothing more right now: acknowledge before sleeping */
+			if (!sbw_flush_acks())
+				return -1;
+			break;
+		}
 		CHECK_FOR_INTERRUPTS();
 	}
 	return total;
