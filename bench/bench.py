@@ -904,6 +904,18 @@ def profile_run(conn, workload, n, path, plugins):
     preload(n, path)
     pid = rows[0][1]
     base = rows[0][3]
+    # the library as this consumer loaded it: another `make install` may have replaced the file
+    # since, and perf then finds neither its symbols nor its unwind tables
+    try:
+        with open("/proc/%d/maps" % pid) as f:
+            rng = next(l.split()[0] for l in f if "storyboard_worker.so" in l)
+        copy = os.path.join(OUT, "storyboard_worker.so.loaded")
+        with open("/proc/%d/map_files/%s" % (pid, rng), "rb") as src, open(copy, "wb") as dst:
+            dst.write(src.read())
+        subprocess.run(["perf", "buildid-cache", "--add", copy], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    except (OSError, StopIteration):
+        pass
     perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "999", "--call-graph", "dwarf,16384",
                              "-o", out, "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
@@ -973,7 +985,9 @@ def machine_facts():
                                  " 'synchronous_commit', 'full_page_writes', 'shared_buffers', 'wal_level',"
                                  " 'max_wal_size', 'storyboard_worker.batch_size',"
                                  " 'storyboard_worker.rabbit_prefetch', 'storyboard_worker.max_retries')")),
-        "git": cmd("git", "-C", ROOT, "rev-parse", "--short", "HEAD") or "uncommitted tree",
+        "git": (cmd("git", "-C", ROOT, "rev-parse", "--short", "HEAD") or "no commit") +
+               (" + uncommitted changes" if cmd("git", "-C", ROOT, "status", "--porcelain", "--", "src", "sql",
+                                                "Makefile", "storyboard_worker.control") else ""),
     }
     conn.close()
     return facts

@@ -295,7 +295,9 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
 	if [ $# -lt 1 ]; then sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
 	[ -n "${SVC_DIR:-}" ] || { echo "services.sh: set SVC_DIR (a state directory)" >&2; exit 2; }
 	# state comes from $SVC_DIR/state.env only, never from a caller's other instance
-	for v in $_SVC_STATE_VARS; do [ "$v" = SVC_DIR ] || unset "$v"; done
+	for v in $_SVC_STATE_VARS; do
+		case $v in SVC_DIR|SBW_RMQ_USER|SBW_RMQ_PASS) ;; *) unset "$v" ;; esac
+	done
 	svc_load
 	fn=$1; shift
 	case "$fn" in
