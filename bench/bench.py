@@ -302,11 +302,7 @@ def setup_database():
     q(pg, "CREATE DATABASE %s" % DB)
     pg.close()
     schema = os.path.join(ROOT, "test", "fixtures", "storyboard_schema.sql")
-    if os.path.exists(schema):
-        RESULTS["schema"] = "test/fixtures/storyboard_schema.sql"
-    else:
-        schema = os.path.join(HERE, "storyboard_schema.sql")
-        RESULTS["schema"] = "bench/storyboard_schema.sql"
+    RESULTS["schema"] = "test/fixtures/storyboard_schema.sql"
     log("loading StoryBoard's schema from %s" % RESULTS["schema"])
     psql(["-f", schema])
     t0 = time.time()

@@ -469,7 +469,7 @@ def main():
         ("sbw_ledger_key", "ledger key (SHA-256 of the body)"),
         ("sbw_ledger_record", "ledger INSERT ... ON CONFLICT DO NOTHING"),
         ("sbw_ledger_claim", "ledger INSERT ... ON CONFLICT DO NOTHING (claim)"),
-        ("sbw_amqp_ack", "basic.ack (a send() per event)"),
+        ("sbw_amqp_ack", "basic.ack (multiple=true, deferred)"),
         ("pgstat_report_activity", "pgstat_report_activity"),
     ]
     profs = [r for r in runs if r["kind"] == "profile" and r.get("inclusive")]

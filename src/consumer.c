@@ -20,7 +20,7 @@
  * here are taken, each is dispatched in its own subtransaction of one
  * transaction, the transaction commits, and only then are they
  * acknowledged: one basic.ack with multiple=true per prefetch/4 committed
- * deliveries, or as soon as the queue runs dry.  If the transaction
+ * deliveries, or once the queue has been dry for SBW_ACK_DELAY_MS.  If the transaction
  * cannot commit, nothing is acknowledged: the deliveries are requeued
  * (basic.nack), the connection is dropped and the consumer backs off.
  *
@@ -53,6 +53,8 @@
 /* How often an idle or waiting consumer re-checks its preconditions. */
 #define SBW_IDLE_CHECK_MS	5000
 #define SBW_MIN_BACKOFF_MS	1000
+/* Longest an acknowledgement waits for company once the queue is dry. */
+#define SBW_ACK_DELAY_MS	20
 /* Deliveries handled before the loop checks interrupts again. */
 #define SBW_DRAIN_LIMIT		500
 
@@ -67,6 +69,7 @@ typedef struct SbwConsumerState
 	const char *waiting_for;	/* why we are idle, for the log */
 	uint64		ack_tag;		/* last committed, unacknowledged delivery */
 	int			ack_pending;	/* committed deliveries not yet acked */
+	TimestampTz ack_since;		/* when the oldest of them committed */
 	MemoryContext loop_cxt;		/* reset after every wake-up */
 	MemoryContext batch_cxt;	/* reset after every batch */
 } SbwConsumerState;
@@ -377,6 +380,8 @@ sbw_process_batch(SbwDelivery *batch, int n)
 
 	sbw_slot_count(0, processed, dead, redelivered, duplicates);
 	cs.ack_tag = batch[n - 1].delivery_tag;
+	if (cs.ack_pending == 0)
+		cs.ack_since = GetCurrentTimestamp();
 	cs.ack_pending += n;
 	if (cs.ack_pending >= Max(sbw_rabbit_prefetch / 4, 1))
 		return sbw_flush_acks();
@@ -432,8 +437,16 @@ sbw_drain(void)
 		}
 		if (n < batch_size)
 		{
-			/* nothing more right now: acknowledge before sleeping */
-			if (!sbw_flush_acks())
+			/*
+			 * Nothing more right now.  Acknowledge before sleeping once the
+			 * oldest pending ack is SBW_ACK_DELAY_MS old; until then the
+			 * main loop wakes us that often, so that at moderate rates acks
+			 * still go out several at a time.
+			 */
+			if (cs.ack_pending > 0 &&
+				TimestampDifferenceExceeds(cs.ack_since, GetCurrentTimestamp(),
+										   SBW_ACK_DELAY_MS) &&
+				!sbw_flush_acks())
 				return -1;
 			break;
 		}
@@ -657,6 +670,8 @@ sbw_consumer_main(Datum main_arg)
 		timeout_ms = sbw_amqp_heartbeat(cs.link) > 0 ?
 			sbw_amqp_heartbeat(cs.link) * 1000L / 2 : SBW_IDLE_CHECK_MS;
 		timeout_ms = Min(timeout_ms, SBW_IDLE_CHECK_MS);
+		if (cs.ack_pending > 0)
+			timeout_ms = Min(timeout_ms, SBW_ACK_DELAY_MS);
 		if (sbw_amqp_socket(cs.link) < 0)
 		{
 			/* the library closed the socket itself (a timed-out RPC) */
