@@ -61,3 +61,71 @@ def test_subscription_plugin_through_the_broker(storyboard_tables, publisher):
         assert cluster.one("SELECT count(*) FROM storyboard_worker.dead_letters WHERE plugin = 'subscription'") == 0
     finally:
         sbw.unregister(cluster, "subscription")
+
+
+def test_subscription_workload_rate(storyboard_tables, services, metrics):
+    """The issue's workload through the broker: one story with 3 tasks in 2
+    projects of 1 project group, 10 subscribers (story, tasks, projects and
+    group), N timeline events published as StoryBoard does.  Every event must
+    give exactly one subscription_events row per subscriber; the rate (first
+    to last commit) is reported."""
+    import time
+    import g_util
+    cluster = storyboard_tables
+    n = int(os.environ.get("SBW_SUB_EVENTS", "2000"))
+    base = 90000
+    cluster.execute("""
+        INSERT INTO users (id, full_name, email, is_staff, is_active, is_superuser, enable_login)
+        SELECT %(b)s + i, 'rate user ' || i, 'rate' || i || '@example.org', false, true, false, true
+          FROM generate_series(1, 10) i;
+        INSERT INTO projects (id, name, is_active) VALUES (%(b)s + 1, 'rate-p1', true), (%(b)s + 2, 'rate-p2', true);
+        INSERT INTO project_groups (id, name, title) VALUES (%(b)s + 1, 'rate-g', 'Rate group');
+        INSERT INTO project_group_mapping (project_id, project_group_id) VALUES (%(b)s + 1, %(b)s + 1), (%(b)s + 2, %(b)s + 1);
+        INSERT INTO stories (id, title, private, creator_id) VALUES (%(b)s + 1, 'rate story', false, %(b)s + 1);
+        INSERT INTO tasks (id, title, story_id, project_id, status, priority)
+        VALUES (%(b)s + 1, 't1', %(b)s + 1, %(b)s + 1, 'todo', 'medium'),
+               (%(b)s + 2, 't2', %(b)s + 1, %(b)s + 2, 'todo', 'medium'),
+               (%(b)s + 3, 't3', %(b)s + 1, %(b)s + 2, 'todo', 'medium');
+        INSERT INTO subscriptions (user_id, target_type, target_id) VALUES
+          (%(b)s + 1, 'story', %(b)s + 1), (%(b)s + 2, 'story', %(b)s + 1), (%(b)s + 3, 'story', %(b)s + 1),
+          (%(b)s + 4, 'task', %(b)s + 1), (%(b)s + 5, 'task', %(b)s + 2), (%(b)s + 6, 'task', %(b)s + 3),
+          (%(b)s + 7, 'project', %(b)s + 1), (%(b)s + 8, 'project', %(b)s + 2),
+          (%(b)s + 9, 'project_group', %(b)s + 1), (%(b)s + 10, 'project_group', %(b)s + 1);
+        INSERT INTO events (id, story_id, author_id, event_type, event_info)
+        SELECT %(b)s + i, %(b)s + 1, %(b)s + 1, 'task_status_changed',
+               '{"story_id": ' || (%(b)s + 1) || ', "task_id": ' || (%(b)s + 1) || '}'
+          FROM generate_series(1, %(n)s) i;
+    """ % {"b": base, "n": n})
+    cluster.execute("SELECT storyboard_worker.register_plugin('subscription', "
+                    "'storyboard_worker.subscription_handler(storyboard_worker.event)')")
+    try:
+        last = cluster.one("SELECT coalesce(max(id), 0) FROM subscription_events")
+        msgs = []
+        for i in range(1, n + 1):
+            info = '{"story_id": %d, "task_id": %d}' % (base + 1, base + 1)
+            te = sbw.publish.timeline_event(base + i, "task_status_changed", path="/v1/tasks/%d" % (base + 1),
+                                            author_id=base + 1, story_id=base + 1)
+            te["resource_after"]["event_info"] = info
+            msgs.append(("timeline_event", sbw.publish.encode(te), None))
+        t0 = time.time()
+        g_util.publish_window(services.amqp_url, msgs)
+        wait_for(lambda: cluster.one("SELECT count(*) FROM subscription_events WHERE id > %s", (last,)) >= 10 * n,
+                 120, "%d subscription_events" % (10 * n))
+        rows, subs, span = cluster.q(
+            "SELECT count(*), count(DISTINCT subscriber_id),"
+            " extract(epoch FROM max(created_at) - min(created_at)) FROM subscription_events WHERE id > %s",
+            (last,))[0]
+        assert rows == 10 * n and subs == 10, (rows, subs)
+        per_event = cluster.q("SELECT count(*) FROM subscription_events WHERE id > %s"
+                              " GROUP BY subscriber_id HAVING count(*) <> %s", (last, n))
+        assert per_event == [], "some subscriber did not get exactly one row per event: %r" % (per_event,)
+        assert cluster.one("SELECT count(*) FROM storyboard_worker.dead_letters WHERE plugin = 'subscription'") == 0
+        rate = (n - 1) / float(span) if span else float("inf")
+        metrics.add("subscription workload (1 story, 3 tasks, 2 projects, 1 group, 10 subscribers)",
+                    "%d events through the broker, worker_count %d: %.0f events/s between the first and "
+                    "the last event's transaction (%.0f events/s from the first publish to the last row "
+                    "seen)" % (n, cluster.worker_count(), rate, n / (time.time() - t0)))
+    finally:
+        sbw.unregister(cluster, "subscription")
+        cluster.execute("DELETE FROM subscription_events WHERE subscriber_id > %s" % base)
+        cluster.execute("DELETE FROM events WHERE id > %s" % base)
