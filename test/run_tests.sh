@@ -42,7 +42,7 @@ summary() {
 # ------------------------------------------------------------------ packages
 PKGS=(postgresql-15 postgresql-server-dev-15 librabbitmq-dev libjson-c-dev rabbitmq-server
 	amqp-tools python3-pika python3-psycopg2 python3-pytest pkg-config clang-14 libclang-rt-14-dev
-	make gcc iproute2 util-linux procps)
+	make gcc iproute2 util-linux procps openssl)
 if [ "${SKIP_APT:-0}" != 1 ]; then
 	note "apt-get install"
 	export DEBIAN_FRONTEND=noninteractive
