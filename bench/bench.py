@@ -339,7 +339,7 @@ def setup_database():
 def write_messages(conn):
     """One timeline_event message per events row of the pool, as StoryBoard publishes them."""
     try:
-        from publish import timeline_event, encode      # test/publish.py
+        from publish import timeline_event      # test/publish.py
     except ImportError:
         timeline_event = None
     if CFG["dataset"] == "fixture":
@@ -479,7 +479,6 @@ def write_pgbench_scripts(captured):
     cm_types = plan_param_types("sbw_comment_plan")
     tl_exprs = {3: "NULLIF((:p3)::bigint, 0)"}      # worklist_id: NULL for story events
     timeline = to_pgbench(captured["timeline"]["sql"], tl_types, tl_exprs)
-    comment = to_pgbench(captured["comment"]["sql"], cm_types, {})
     if CFG["dataset"] == "fixture":
         # test/fixtures/storyboard_bench_data.sql: events 1..N story_created, N+1..2N
         # task_status_changed, 2N+1..3N user_comment of story i mod N with comment i mod N
@@ -722,17 +721,23 @@ def baseline_run(conn, workload, w, path):
     return run
 
 
-def concurrent_run(conn, workload, w, n, path, plugins):
-    """End to end with the publisher running: w consumers connected and idle, then n events
-    published as fast as the broker confirms them; from the first publish to the last commit."""
-    log("concurrent %s W=%d: %d events published while consuming" % (workload, w, n))
+def fresh_consumers(conn, w, plugins):
+    """w consumers connected to an empty queue, with these plugins and empty
+    tables; returns their stats rows."""
     set_conf(conn, enable_notifications="off", worker_count=w)
     wait_consumers(conn, w, "idle")
     use_plugins(conn, plugins)
     reset_tables(conn)
     purge()
     set_conf(conn, enable_notifications="on")
-    rows = wait_consumers(conn, w, "consuming")
+    return wait_consumers(conn, w, "consuming")
+
+
+def concurrent_run(conn, workload, w, n, path, plugins):
+    """End to end with the publisher running: w consumers connected and idle, then n events
+    published as fast as the broker confirms them; from the first publish to the last commit."""
+    log("concurrent %s W=%d: %d events published while consuming" % (workload, w, n))
+    rows = fresh_consumers(conn, w, plugins)
     base = sum(r[3] for r in rows)
     quiet = wait_quiet()
     snap0 = cpu_snapshot([r[1] for r in rows])
@@ -771,13 +776,7 @@ def latency_run(conn, workload, w, rate, path, plugins, basis="concurrent"):
     no-op plugin (alone, or after subscription as a probe) records commit-side time."""
     n = max(100, int(rate * CFG["latency_secs"]))
     log("latency %s W=%d: %d events at %.0f msg/s" % (workload, w, n, rate))
-    set_conf(conn, enable_notifications="off", worker_count=w)
-    wait_consumers(conn, w, "idle")
-    use_plugins(conn, plugins)
-    reset_tables(conn)
-    purge()
-    set_conf(conn, enable_notifications="on")
-    rows = wait_consumers(conn, w, "consuming")
+    rows = fresh_consumers(conn, w, plugins)
     # warm-up, not measured: the consumers re-plan after the TRUNCATE above
     base = sum(r[3] for r in rows)
     warm = max(50, int(rate))

@@ -8,7 +8,6 @@ and a plot of throughput against worker_count.
 """
 
 import json
-import os
 import sys
 
 TARGETS = {

@@ -375,3 +375,22 @@ def sigcont_safe(pid):
         os.kill(int(pid), 18)
     except (OSError, ValueError, TypeError):
         pass
+
+
+def free_port(avoid=()):
+    """A TCP port free on 127.0.0.1 now, in 20000-32000, not in avoid."""
+    import random
+    import socket
+    for _ in range(200):
+        p = random.randint(20000, 32000)
+        if p in avoid:
+            continue
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+            return p
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise RuntimeError("no free port")

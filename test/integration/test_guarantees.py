@@ -393,20 +393,6 @@ def test_drop_extension_idles_workers_and_create_wakes_them(cluster, services, p
         cluster.wait_consuming(timeout=30)
 
 
-def _free_port():
-    import random
-    import socket
-    for _ in range(200):
-        p = random.randint(20000, 32000)
-        s = socket.socket()
-        try:
-            s.bind(("127.0.0.1", p))
-            return p
-        except OSError:
-            continue
-        finally:
-            s.close()
-    raise RuntimeError("no free port")
 
 
 def test_standby_idle_until_promoted(cluster, services, metrics):
@@ -419,7 +405,7 @@ def test_standby_idle_until_promoted(cluster, services, metrics):
     data, sock = os.path.join(base, "data"), os.path.join(base, "sock")
     os.makedirs(sock)
     subprocess.run(["chown", "-R", "postgres:postgres", base], check=True)
-    port = _free_port()
+    port = g_util.free_port()
     exchange, queue = "sbw_g_standby_x", "sbw_g_standby_q"
     proc = None
     logf = os.path.join(base, "postgres.log")

@@ -48,22 +48,6 @@ def _make_cert(d, name, cn, ca, ext):
              "-out", name + ".pem", "-days", "2", "-extfile", name + ".ext", cwd=d)
 
 
-def _free_port(avoid=()):
-    import random
-    import socket
-    for _ in range(200):
-        p = random.randint(20000, 32000)
-        if p in avoid:
-            continue
-        s = socket.socket()
-        try:
-            s.bind(("127.0.0.1", p))
-            return p
-        except OSError:
-            continue
-        finally:
-            s.close()
-    raise RuntimeError("no free port")
 
 
 class TlsBroker:
@@ -100,7 +84,7 @@ def tls_broker(services):
     env = {k: v for k, v in os.environ.items() if k not in _SVC_STATE_VARS}
     env["SVC_DIR"] = tb.dir
     used = {services.pg_port, services.amqp_port}
-    tb.tls_port = _free_port(used)
+    tb.tls_port = g_util.free_port(used)
     adv = os.path.join(tb.dir, "advanced.config")
     with open(adv, "w") as f:
         f.write('[{rabbit, [{ssl_listeners, [{"127.0.0.1", %d}]},\n'

@@ -4,7 +4,6 @@ pg_terminate_backend, and not getting in the way of DROP DATABASE."""
 import time
 
 import psycopg2
-import pytest
 
 import sbw
 from sbw import wait_for
