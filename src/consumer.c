@@ -471,7 +471,7 @@ sbw_prune_ledger(void)
 		StartTransactionCommand();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		pgstat_report_activity(STATE_RUNNING, "storyboard_worker: pruning the ledger");
-		if (sbw_ledger_available())
+		if (sbw_ledger_cached())
 		{
 			uint64		n;
 

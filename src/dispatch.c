@@ -153,21 +153,15 @@ sbw_dead_letter(const SbwMessage *msg, const char *plugin, const char *error,
 	int			ret;
 	int64		id;
 
-	if (dead_letter_plan == NULL)
-	{
-		Oid			types[7] = {TEXTOID, BYTEAOID, TEXTOID, TEXTOID, TEXTOID,
-		TEXTOID, BOOLOID};
-		SPIPlanPtr	plan;
+	Oid			types[7] = {TEXTOID, BYTEAOID, TEXTOID, TEXTOID, TEXTOID,
+	TEXTOID, BOOLOID};
+	SPIPlanPtr	plan;
 
-		plan = SPI_prepare("INSERT INTO storyboard_worker.dead_letters"
-						   " (routing_key, body, plugin, error, sqlstate, message_id, redelivered)"
-						   " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-						   7, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		dead_letter_plan = plan;
-	}
+	plan = sbw_keep_plan(&dead_letter_plan,
+						 "INSERT INTO storyboard_worker.dead_letters"
+						 " (routing_key, body, plugin, error, sqlstate, message_id, redelivered)"
+						 " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+						 7, types);
 
 	values[0] = msg->routing_key ? CStringGetTextDatum(msg->routing_key) : (Datum) 0;
 	nulls[0] = msg->routing_key ? ' ' : 'n';
@@ -181,7 +175,7 @@ sbw_dead_letter(const SbwMessage *msg, const char *plugin, const char *error,
 	nulls[5] = msg->message_id ? ' ' : 'n';
 	values[6] = BoolGetDatum(msg->redelivered);
 
-	ret = SPI_execute_plan(dead_letter_plan, values, nulls, false, 1);
+	ret = SPI_execute_plan(plan, values, nulls, false, 1);
 	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 		elog(ERROR, "could not store dead letter: %s", SPI_result_code_string(ret));
 	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
@@ -225,20 +219,15 @@ sbw_lookup_author(const SbwEvent *ev, bool *isnull)
 	if (author_plan == NULL || relid != author_relid)
 	{
 		Oid			types[1] = {INT8OID};
-		char	   *sql;
-		SPIPlanPtr	plan;
 
 		if (author_plan)
 			SPI_freeplan(author_plan);
 		author_plan = NULL;
-		sql = psprintf("SELECT pg_catalog.to_jsonb(u) FROM %s u WHERE u.id = $1",
-					   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
-												  get_rel_name(relid)));
-		plan = SPI_prepare(sql, 1, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		author_plan = plan;
+		(void) sbw_keep_plan(&author_plan,
+							 psprintf("SELECT pg_catalog.to_jsonb(u) FROM %s u WHERE u.id = $1",
+									  quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+																 get_rel_name(relid))),
+							 1, types);
 		author_relid = relid;
 	}
 
@@ -459,8 +448,6 @@ sbw_outcome(SbwDispatch *d, const char *plugin, bool succeeded, bool skipped,
 	o->error = error ? pstrdup(error) : NULL;
 	o->dead_letter_id = dead_letter_id;
 	d->outcomes = lappend(d->outcomes, o);
-	if (!succeeded)
-		d->nfailed++;
 	if (dead_letter_id != 0)
 		d->ndead_lettered++;
 	MemoryContextSwitchTo(oldcxt);
@@ -594,7 +581,6 @@ sbw_dispatch(SbwDispatch *d, const SbwMessage *msg)
 
 		if (d->only_plugin && strcmp(d->only_plugin, p->name) != 0)
 			continue;
-		d->matched_plugin = true;
 
 		for (;;)
 		{

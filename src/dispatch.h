@@ -32,8 +32,6 @@ typedef struct SbwDispatch
 	/* out */
 	bool		decoded;
 	bool		undecodable;
-	bool		matched_plugin;
-	int			nfailed;
 	int			ndead_lettered;
 	List	   *outcomes;		/* of SbwOutcome * */
 } SbwDispatch;

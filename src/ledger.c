@@ -84,9 +84,12 @@ sbw_ledger_key(const SbwMessage *msg)
 	return key;
 }
 
-/* Prepare and keep one statement of ours. */
-static SPIPlanPtr
-sbw_ledger_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types)
+/*
+ * Prepare a statement once per backend and keep it (SPI_keepplan) in
+ * *cache; the plancache re-validates it after DDL.  SPI must be connected.
+ */
+SPIPlanPtr
+sbw_keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *types)
 {
 	if (*cache == NULL)
 	{
@@ -117,7 +120,7 @@ sbw_ledger_claim(bytea *key)
 	SPIPlanPtr	plan;
 	int			ret;
 
-	plan = sbw_ledger_plan(&claim_plan,
+	plan = sbw_keep_plan(&claim_plan,
 						   "INSERT INTO storyboard_worker.ledger (message_key)"
 						   " VALUES ($1) ON CONFLICT (message_key) DO NOTHING",
 						   1, types);
@@ -136,7 +139,7 @@ sbw_ledger_prune(int retention_s)
 	SPIPlanPtr	plan;
 	int			ret;
 
-	plan = sbw_ledger_plan(&prune_plan,
+	plan = sbw_keep_plan(&prune_plan,
 						   "DELETE FROM storyboard_worker.ledger"
 						   " WHERE processed_at < now() - make_interval(secs => $1)",
 						   1, types);

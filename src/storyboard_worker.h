@@ -133,14 +133,6 @@ extern void sbw_check_owner(const char *what);
 extern uint64 sbw_catalog_generation(void);
 
 /* ---- dispatch.c ---- */
-struct SbwEvent;
-typedef struct SbwDispatchResult
-{
-	int			nplugins_ok;
-	int			nplugins_failed;
-	bool		undecodable;
-} SbwDispatchResult;
-
 /* Message metadata carried next to the body. */
 typedef struct SbwMessage
 {
@@ -152,6 +144,9 @@ typedef struct SbwMessage
 } SbwMessage;
 
 /* ---- ledger.c ---- */
+struct _SPI_plan;
+extern struct _SPI_plan *sbw_keep_plan(struct _SPI_plan **cache, const char *sql,
+									   int nargs, Oid *types);
 extern bool sbw_ledger_available(void);
 extern bytea *sbw_ledger_key(const SbwMessage *msg);
 extern bool sbw_ledger_claim(bytea *key);

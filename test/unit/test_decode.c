@@ -107,6 +107,18 @@ cmp_int(const char *field, bool got_has, int64 got, bool want_has, int64 want,
 	}
 }
 
+/* Report a case: failed with 'why', or leaked since 'before'. */
+static void
+finish(const char *name, char *why, long before)
+{
+	if (why == NULL && sbw_stub_live_allocations() != before)
+		why = psprintf("%ld allocations leaked",
+					   sbw_stub_live_allocations() - before);
+	result(name, why == NULL, why);
+	if (why)
+		pfree(why);
+}
+
 /* Decode body (length len) and expect exactly the event want. */
 static void
 expect_event_len(const char *name, const char *body, size_t len, SbwEvent want)
@@ -142,12 +154,7 @@ expect_event_len(const char *name, const char *body, size_t len, SbwEvent want)
 	cmp_str("resource_before", ev.resource_before, want.resource_before, &why);
 	cmp_str("resource_after", ev.resource_after, want.resource_after, &why);
 	sbw_stub_free_event(&ev);
-	if (why == NULL && sbw_stub_live_allocations() != before)
-		why = psprintf("%ld allocations leaked",
-					   sbw_stub_live_allocations() - before);
-	result(name, why == NULL, why);
-	if (why)
-		pfree(why);
+	finish(name, why, before);
 }
 
 static void
@@ -185,12 +192,7 @@ expect_error_len(const char *name, const char *body, size_t len,
 	else if (memcmp(&ev, &zero, sizeof(ev)) != 0)
 		why = pstrdup("event not zeroed after an error");
 	pfree(errmsg);
-	if (why == NULL && sbw_stub_live_allocations() != before)
-		why = psprintf("%ld allocations leaked",
-					   sbw_stub_live_allocations() - before);
-	result(name, why == NULL, why);
-	if (why)
-		pfree(why);
+	finish(name, why, before);
 }
 
 static void
