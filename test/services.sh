@@ -39,8 +39,8 @@ _wait_gone() {
 	done
 	return 1
 }
-_port_free() { ! ss -Htan "( sport = :$1 )" 2>/dev/null | grep -q .; }        # no socket at all
-_port_unbound() { ! ss -Hltn "( sport = :$1 )" 2>/dev/null | grep -q .; }     # nobody listening
+_port_free() { ! ss -Htan "( sport = :$1 )" 2>/dev/null | grep . >/dev/null; }        # no socket at all
+_port_unbound() { ! ss -Hltn "( sport = :$1 )" 2>/dev/null | grep . >/dev/null; }     # nobody listening
 _pick_port() {   # a free TCP port in 20000-32767 (below Linux's ephemeral range), not in $*
 	local p i
 	for i in $(seq 1 200); do
