@@ -11,6 +11,9 @@ OBJS = \
 	src/plugins.o \
 	src/stats.o \
 	src/ledger.o \
+	src/namecache.o \
+	src/scope.o \
+	src/util.o \
 	src/subscription.o
 
 EXTENSION = storyboard_worker
@@ -45,3 +48,6 @@ bench:
 	bash bench/run.sh
 fuzz:
 	$(MAKE) -C fuzz run
+
+# Rebuild every object when a header changes (PGXS tracks no dependencies).
+$(OBJS): $(wildcard src/*.h)

@@ -1,6 +1,7 @@
--- Upgrade path: an installed 1.0 updated with ALTER EXTENSION ... UPDATE keeps
--- its registrations and dead letters and ends with the same objects and
--- privileges as CREATE EXTENSION of the default version (1.1).
+-- Upgrade paths: an installed 1.0 or 1.1 updated with ALTER EXTENSION ...
+-- UPDATE keeps its registrations and dead letters and ends with the same
+-- objects, privileges and function definitions as CREATE EXTENSION of the
+-- default version (1.2).
 SET client_min_messages = warning;
 CREATE EXTENSION storyboard_worker VERSION '1.0';
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
@@ -15,6 +16,12 @@ CREATE TEMP TABLE objects_10_upgraded AS
      AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker');
 ALTER EXTENSION storyboard_worker UPDATE TO '1.1';
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
+CREATE TEMP TABLE objects_11_upgraded AS
+  SELECT pg_describe_object(classid, objid, objsubid) AS object
+    FROM pg_depend WHERE refclassid = 'pg_extension'::regclass
+     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker');
+ALTER EXTENSION storyboard_worker UPDATE;
+SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
 SELECT name FROM storyboard_worker.plugins ORDER BY position;
 SELECT count(*) AS dead_letters_kept FROM storyboard_worker.dead_letters;
 SELECT attname FROM pg_attribute WHERE attrelid = 'storyboard_worker.stats'::regclass AND attnum > 0
@@ -26,6 +33,9 @@ CREATE TEMP TABLE objects_upgraded AS
 CREATE TEMP TABLE acl_upgraded AS
   SELECT c.relname, c.relacl::text FROM pg_class c
    WHERE c.relnamespace = 'storyboard_worker'::regnamespace;
+CREATE TEMP TABLE functions_upgraded AS
+  SELECT p.oid::regprocedure::text AS fn, p.prosrc, p.prosecdef, p.proconfig::text, p.proacl::text
+    FROM pg_proc p WHERE p.pronamespace = 'storyboard_worker'::regnamespace;
 DROP EXTENSION storyboard_worker CASCADE;
 CREATE EXTENSION storyboard_worker;
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
@@ -39,10 +49,34 @@ UNION ALL
 (SELECT 'only fresh', object FROM objects_fresh EXCEPT SELECT 'only fresh', object FROM objects_upgraded)
 ORDER BY 1, 2;
 -- what 1.1 added
-SELECT object FROM objects_fresh EXCEPT SELECT object FROM objects_10_upgraded ORDER BY 1;
+SELECT object FROM objects_11_upgraded EXCEPT SELECT object FROM objects_10_upgraded ORDER BY 1;
+-- what 1.2 added
+SELECT object FROM objects_fresh EXCEPT SELECT object FROM objects_11_upgraded ORDER BY 1;
 -- same privileges
 SELECT a.relname FROM acl_upgraded a JOIN pg_class c ON c.relname = a.relname
    AND c.relnamespace = 'storyboard_worker'::regnamespace
  WHERE a.relacl IS DISTINCT FROM c.relacl::text;
+-- same function definitions, settings and privileges
+SELECT f.fn FROM functions_upgraded f
+  JOIN pg_proc p ON p.oid::regprocedure::text = f.fn
+ WHERE (f.prosrc, f.prosecdef, f.proconfig, f.proacl)
+       IS DISTINCT FROM (p.prosrc, p.prosecdef, p.proconfig::text, p.proacl::text);
+-- the event trigger runs as the extension owner with a fixed search_path
+SELECT prosecdef, proconfig FROM pg_proc
+ WHERE oid = 'storyboard_worker.forget_dropped_plugins()'::regprocedure;
+DROP EXTENSION storyboard_worker CASCADE;
+-- 1.1 -> 1.2 as well
+CREATE EXTENSION storyboard_worker VERSION '1.1';
+ALTER EXTENSION storyboard_worker UPDATE;
+SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
+(SELECT pg_describe_object(classid, objid, objsubid) AS object
+    FROM pg_depend WHERE refclassid = 'pg_extension'::regclass
+     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker')
+ EXCEPT SELECT object FROM objects_fresh)
+UNION ALL
+(SELECT object FROM objects_fresh
+ EXCEPT SELECT pg_describe_object(classid, objid, objsubid)
+    FROM pg_depend WHERE refclassid = 'pg_extension'::regclass
+     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker'));
 DROP EXTENSION storyboard_worker CASCADE;
 DROP FUNCTION IF EXISTS upgrade_noop;

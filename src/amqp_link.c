@@ -823,7 +823,7 @@ sbw_amqp_connect(const SbwAmqpSettings *s, char **errmsg)
 	{
 		*errmsg = psprintf("could not connect to %s: no file descriptor available (AcquireExternalFD failed; raise max_files_per_process?)",
 						   link->peer);
-		sbw_amqp_close(link);
+		sbw_amqp_close(link, link->timeout_ms);
 		return NULL;
 	}
 	link->have_external_fd = true;
@@ -832,7 +832,7 @@ sbw_amqp_connect(const SbwAmqpSettings *s, char **errmsg)
 	if (link->conn == NULL)
 	{
 		*errmsg = psprintf("could not connect to %s: out of memory", link->peer);
-		sbw_amqp_close(link);
+		sbw_amqp_close(link, link->timeout_ms);
 		return NULL;
 	}
 
@@ -842,7 +842,7 @@ sbw_amqp_connect(const SbwAmqpSettings *s, char **errmsg)
 	{
 		*errmsg = psprintf("could not set a %d ms timeout for %s",
 						   s->timeout_ms, link->peer);
-		sbw_amqp_close(link);
+		sbw_amqp_close(link, link->timeout_ms);
 		return NULL;
 	}
 
@@ -850,7 +850,7 @@ sbw_amqp_connect(const SbwAmqpSettings *s, char **errmsg)
 		!sbw_login(link, s, errmsg) ||
 		!sbw_setup_channel(link, s, errmsg))
 	{
-		sbw_amqp_close(link);
+		sbw_amqp_close(link, link->timeout_ms);
 		return NULL;
 	}
 
@@ -961,17 +961,70 @@ sbw_content_status_text(SbwAmqpLink *link, int status, int save_errno)
 }
 
 /*
- * Read the content header and body frames that follow a basic.deliver, each
- * within timeout_ms, copying the body into *d.  On failure returns a message
- * and the link is unusable (we are in the middle of a message).
+ * Read the body frames of a delivery into d->body, keeping at most
+ * d->body_len of the body_size bytes announced: the rest of an oversized
+ * body is read off the socket and dropped, never held.  On failure returns
+ * a message and the link is unusable.
  */
 static char *
-sbw_read_content(SbwAmqpLink *link, SbwDelivery *d)
+sbw_read_body(SbwAmqpLink *link, SbwDelivery *d, uint64 body_size)
+{
+	amqp_frame_t frame;
+	uint64		received = 0;
+	size_t		kept = 0;
+	int			status;
+
+	while (received < body_size)
+	{
+		size_t		len;
+
+		errno = 0;
+		status = sbw_wait_content_frame(link, &frame);
+		if (status != AMQP_STATUS_OK)
+		{
+			link->socket_dead = true;
+			return psprintf("reading the body of delivery %llu from %s failed after %llu of %llu bytes: %s",
+							(unsigned long long) d->delivery_tag, link->peer,
+							(unsigned long long) received, (unsigned long long) body_size,
+							sbw_content_status_text(link, status, errno));
+		}
+		if (frame.frame_type == AMQP_FRAME_METHOD)
+			return sbw_handle_close_frame(link, &frame);
+		len = frame.payload.body_fragment.len;
+		if (frame.frame_type != AMQP_FRAME_BODY || len > body_size - received)
+			return psprintf("protocol error from %s in the body of delivery %llu",
+							link->peer, (unsigned long long) d->delivery_tag);
+		if (kept < d->body_len)
+		{
+			size_t		take = Min(len, d->body_len - kept);
+
+			memcpy(d->body + kept, frame.payload.body_fragment.bytes, take);
+			kept += take;
+		}
+		received += len;
+		/* the fragment is copied: let librabbitmq reuse its pages */
+		amqp_maybe_release_buffers_on_channel(link->conn, SBW_CHANNEL);
+	}
+	d->body[kept] = '\0';
+	d->body_len = kept;
+	return NULL;
+}
+
+/*
+ * Read the content header and body frames that follow a basic.deliver, each
+ * within timeout_ms.  The header announces the body's size: a body over
+ * max_body bytes (0 = no limit) is not allocated, only its first max_body
+ * bytes are kept, and d->body_declared_len says how long it was.  On
+ * failure returns a message and the link is unusable (we are in the middle
+ * of a message).
+ */
+static char *
+sbw_read_content(SbwAmqpLink *link, SbwDelivery *d, size_t max_body)
 {
 	amqp_frame_t frame;
 	amqp_basic_properties_t *props;
 	uint64		body_size;
-	size_t		received = 0;
+	size_t		keep;
 	int			status;
 
 	errno = 0;
@@ -992,47 +1045,26 @@ sbw_read_content(SbwAmqpLink *link, SbwDelivery *d)
 
 	props = (amqp_basic_properties_t *) frame.payload.properties.decoded;
 	if (props && (props->_flags & AMQP_BASIC_MESSAGE_ID_FLAG))
-		d->message_id = sbw_bytes_dup(props->message_id);
-	body_size = frame.payload.properties.body_size;
-
-	if (body_size > MaxAllocHugeSize - 1)
-		return psprintf("delivery %llu from %s has a %llu-byte body, too large to hold",
-						(unsigned long long) d->delivery_tag, link->peer,
-						(unsigned long long) body_size);
-	d->body = palloc_extended((Size) body_size + 1,
-							  MCXT_ALLOC_HUGE | MCXT_ALLOC_NO_OOM);
-	if (d->body == NULL)
-		return psprintf("out of memory for the %llu-byte body of delivery %llu",
-						(unsigned long long) body_size,
-						(unsigned long long) d->delivery_tag);
-
-	while (received < body_size)
 	{
-		errno = 0;
-		status = sbw_wait_content_frame(link, &frame);
-		if (status != AMQP_STATUS_OK)
-		{
-			link->socket_dead = true;
-			return psprintf("reading the body of delivery %llu from %s failed after %zu of %llu bytes: %s",
-							(unsigned long long) d->delivery_tag, link->peer,
-							received, (unsigned long long) body_size,
-							sbw_content_status_text(link, status, errno));
-		}
-		if (frame.frame_type == AMQP_FRAME_METHOD)
-			return sbw_handle_close_frame(link, &frame);
-		if (frame.frame_type != AMQP_FRAME_BODY ||
-			frame.payload.body_fragment.len > body_size - received)
-			return psprintf("protocol error from %s in the body of delivery %llu",
-							link->peer, (unsigned long long) d->delivery_tag);
-		memcpy(d->body + received, frame.payload.body_fragment.bytes,
-			   frame.payload.body_fragment.len);
-		received += frame.payload.body_fragment.len;
-		/* the fragment is copied: let librabbitmq reuse its pages */
-		amqp_maybe_release_buffers_on_channel(link->conn, SBW_CHANNEL);
+		/* all its bytes, NULs included: sbw_storable_text decides later */
+		d->message_id_len = props->message_id.len;
+		d->message_id = palloc(d->message_id_len + 1);
+		if (d->message_id_len > 0)
+			memcpy(d->message_id, props->message_id.bytes, d->message_id_len);
+		d->message_id[d->message_id_len] = '\0';
 	}
-	d->body[received] = '\0';
-	d->body_len = received;
-	return NULL;
+	body_size = frame.payload.properties.body_size;
+	d->body_declared_len = (size_t) Min(body_size, (uint64) SIZE_MAX);
+
+	keep = (size_t) Min(body_size, (uint64) (MaxAllocHugeSize - 1));
+	if (max_body > 0)
+		keep = Min(keep, max_body);
+	d->body = palloc_extended(keep + 1, MCXT_ALLOC_HUGE | MCXT_ALLOC_NO_OOM);
+	if (d->body == NULL)
+		return psprintf("out of memory for the %zu-byte body of delivery %llu",
+						keep, (unsigned long long) d->delivery_tag);
+	d->body_len = keep;
+	return sbw_read_body(link, d, body_size);
 }
 
 /*
@@ -1045,7 +1077,7 @@ sbw_read_content(SbwAmqpLink *link, SbwDelivery *d)
  * a timeout of timeout_ms per frame.
  */
 SbwAmqpResult
-sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d, char **errmsg)
+sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d, size_t max_body, char **errmsg)
 {
 	amqp_frame_t frame;
 	int			status;
@@ -1100,7 +1132,7 @@ sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d, char **errmsg)
 					d->delivery_tag = del->delivery_tag;
 					d->redelivered = del->redelivered != 0;
 					d->routing_key = sbw_bytes_dup(del->routing_key);
-					msg = sbw_read_content(link, d);
+					msg = sbw_read_content(link, d, max_body);
 					if (msg)
 					{
 						pfree(d->routing_key);
@@ -1151,7 +1183,7 @@ sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d, char **errmsg)
  * deliveries themselves did not.
  */
 static bool
-sbw_can_send(SbwAmqpLink *link)
+sbw_can_send(SbwAmqpLink *link, int timeout_ms)
 {
 	struct pollfd pfd;
 	int			rc;
@@ -1162,7 +1194,7 @@ sbw_can_send(SbwAmqpLink *link)
 	pfd.events = POLLOUT;
 	pfd.revents = 0;
 	do
-		rc = poll(&pfd, 1, link->timeout_ms);
+		rc = poll(&pfd, 1, timeout_ms);
 	while (rc < 0 && errno == EINTR);
 	return rc > 0 && (pfd.revents & POLLOUT) && !(pfd.revents & (POLLERR | POLLHUP));
 }
@@ -1232,12 +1264,13 @@ sbw_amqp_nack(SbwAmqpLink *link, uint64 tag, bool multiple, bool requeue,
 }
 
 /*
- * Close channel and connection politely when the socket still works, each
- * bounded by the RPC timeout (librabbitmq closes the socket itself when one
- * times out), then free everything.  Unacked deliveries go back to the queue.
+ * Close the connection politely when the socket still works, within
+ * timeout_ms in all (an unresponsive broker cannot hold a shutdown), then
+ * free everything.  connection.close closes the channel with it.  Unacked
+ * deliveries go back to the queue either way.
  */
 void
-sbw_amqp_close(SbwAmqpLink *link)
+sbw_amqp_close(SbwAmqpLink *link, int timeout_ms)
 {
 	if (link == NULL)
 		return;
@@ -1246,14 +1279,19 @@ sbw_amqp_close(SbwAmqpLink *link)
 	{
 		bool		usable = !link->socket_dead &&
 			amqp_get_sockfd(link->conn) >= 0;
+		struct timespec start;
 
+		clock_gettime(CLOCK_MONOTONIC, &start);
 		/* a writable check first: with heartbeats off a send could hang */
 		if (usable)
-			usable = sbw_can_send(link);
-		if (usable && link->channel_open)
-			(void) amqp_channel_close(link->conn, SBW_CHANNEL, AMQP_REPLY_SUCCESS);
+			usable = sbw_can_send(link, timeout_ms);
 		if (usable && link->conn_open && amqp_get_sockfd(link->conn) >= 0)
+		{
+			struct timeval tv = sbw_ms_to_tv(Max(timeout_ms - sbw_ms_since(&start), 1));
+
+			(void) amqp_set_rpc_timeout(link->conn, &tv);
 			(void) amqp_connection_close(link->conn, AMQP_REPLY_SUCCESS);
+		}
 		(void) amqp_destroy_connection(link->conn);
 		link->conn = NULL;
 	}

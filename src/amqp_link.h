@@ -43,9 +43,13 @@ typedef struct SbwDelivery
 	uint64		delivery_tag;
 	bool		redelivered;
 	char	   *routing_key;
-	char	   *message_id;		/* NULL when the publisher set none */
+	char	   *message_id;		/* bytes as sent, NUL-terminated copy; NULL
+								 * when the publisher set none */
+	size_t		message_id_len;
 	char	   *body;			/* NUL-terminated copy, may contain NULs */
-	size_t		body_len;
+	size_t		body_len;		/* bytes held in body */
+	size_t		body_declared_len;	/* bytes sent; more than body_len when
+									 * the body was over max_body */
 } SbwDelivery;
 
 typedef enum SbwAmqpResult
@@ -78,9 +82,11 @@ extern int	sbw_amqp_heartbeat(SbwAmqpLink *link);
  * Return the next delivery if one is already buffered or readable without
  * waiting; services heartbeats (sends ours, detects the broker's silence).
  * Call it repeatedly until SBW_AMQP_NONE before sleeping on the socket.
+ * A body over max_body bytes (0 = no limit) is never held whole: only its
+ * first max_body bytes are kept (see SbwDelivery).
  */
 extern SbwAmqpResult sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d,
-								   char **errmsg);
+								   size_t max_body, char **errmsg);
 
 /* basic.ack / basic.nack; false and *errmsg when the connection is gone. */
 extern bool sbw_amqp_ack(SbwAmqpLink *link, uint64 tag, bool multiple,
@@ -88,7 +94,7 @@ extern bool sbw_amqp_ack(SbwAmqpLink *link, uint64 tag, bool multiple,
 extern bool sbw_amqp_nack(SbwAmqpLink *link, uint64 tag, bool multiple,
 						  bool requeue, char **errmsg);
 
-/* Close politely (bounded by the timeout) and free everything. NULL-safe. */
-extern void sbw_amqp_close(SbwAmqpLink *link);
+/* Close politely within timeout_ms, and free everything.  NULL-safe. */
+extern void sbw_amqp_close(SbwAmqpLink *link, int timeout_ms);
 
 #endif							/* SBW_AMQP_LINK_H */

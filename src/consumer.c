@@ -16,13 +16,24 @@
  *	 backing off after a failure, waiting before the next attempt
  *				 (1 s doubling up to rabbit_retry_delay; forever).
  *
- * The path of one delivery: up to batch_size deliveries that are already
- * here are taken, each is dispatched in its own subtransaction of one
- * transaction, the transaction commits, and only then are they
- * acknowledged: one basic.ack with multiple=true per prefetch/4 committed
- * deliveries, or once the queue has been dry for SBW_ACK_DELAY_MS.  If the transaction
- * cannot commit, nothing is acknowledged: the deliveries are requeued
- * (basic.nack), the connection is dropped and the consumer backs off.
+ * The path of a first delivery: up to batch_size deliveries that are
+ * already here are taken, each is dispatched (plugins in subtransactions)
+ * in one transaction, the transaction commits, its commit record is
+ * flushed, and only then are they acknowledged: one basic.ack with
+ * multiple=true per prefetch/4 committed deliveries, or once the queue has
+ * been dry for SBW_ACK_DELAY_MS.  A batch that cannot commit is run again
+ * one event per transaction, so that one bad event holds back no other; a
+ * single event that cannot commit is requeued (basic.nack), the connection
+ * is dropped and the consumer backs off.
+ *
+ * A redelivered message may be a poison one: it crashed a consumer, or its
+ * transaction could not commit.  It is processed alone, under a lock that
+ * lets one redelivered message at a time run in the whole database (so
+ * that a crash is charged to the message that caused it, not to the ones
+ * that happened to be in flight next to it), after a count of its attempts
+ * has been committed and flushed (ledger.c).  Once that count reaches
+ * storyboard_worker.max_redeliveries the message is dead-lettered without
+ * running any plugin, and acknowledged.
  *
  *-------------------------------------------------------------------------
  */
@@ -30,6 +41,7 @@
 
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/pg_extension.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -38,6 +50,8 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/lock.h"
+#include "utils/acl.h"
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
@@ -47,8 +61,11 @@
 #include "utils/wait_event.h"
 
 #include "amqp_link.h"
-#include "storyboard_worker.h"
 #include "dispatch.h"
+#include "ledger.h"
+#include "plugins.h"
+#include "storyboard_worker.h"
+#include "util.h"
 
 /* How often an idle or waiting consumer re-checks its preconditions. */
 #define SBW_IDLE_CHECK_MS	5000
@@ -57,6 +74,13 @@
 #define SBW_ACK_DELAY_MS	20
 /* Deliveries handled before the loop checks interrupts again. */
 #define SBW_DRAIN_LIMIT		500
+/* How often consumer 0 prunes the ledger, backlog or not. */
+#define SBW_PRUNE_EVERY_MS	60000
+/*
+ * Longest a close waits for the broker to answer connection.close: SIGTERM
+ * is served only after it, so a silent broker must not hold a shutdown.
+ */
+#define SBW_CLOSE_MS		1000
 
 typedef struct SbwConsumerState
 {
@@ -65,6 +89,7 @@ typedef struct SbwConsumerState
 	int			host_index;		/* next host of the rabbit_host list */
 	TimestampTz backoff_until;
 	int			failures;		/* consecutive connection failures */
+	int			txn_failures;	/* consecutive transactions that failed */
 	bool		logged_waiting;
 	const char *waiting_for;	/* why we are idle, for the log */
 	uint64		ack_tag;		/* last committed, unacknowledged delivery */
@@ -72,9 +97,18 @@ typedef struct SbwConsumerState
 	TimestampTz ack_since;		/* when the oldest of them committed */
 	MemoryContext loop_cxt;		/* reset after every wake-up */
 	MemoryContext batch_cxt;	/* reset after every batch */
+	TimestampTz next_check;		/* next look at the preconditions */
+	TimestampTz next_prune;		/* consumer 0: next ledger prune */
+	bool		ready;			/* preconditions met at the last look */
+	LOCKTAG		redelivery_tag; /* the lock redelivered messages run under */
+	bool		redelivery_locked;
+	SbwLedgerTables tables;		/* as seen by our last transaction */
 } SbwConsumerState;
 
 static SbwConsumerState cs;
+
+static void sbw_unlock_redeliveries(void);
+static bool sbw_counting_redeliveries(void);
 
 /*
  * Log a failure and show it in the stats view.  A broker that stays down
@@ -93,7 +127,7 @@ sbw_note_error(int elevel, const char *msg)
 		elevel = Min(elevel, DEBUG1);
 	else
 	{
-		strlcpy(last_msg, msg, sizeof(last_msg));
+		sbw_strlcpy_mb(last_msg, msg, sizeof(last_msg));
 		last_at = now;
 	}
 	ereport(elevel, (errmsg("storyboard_worker consumer %d: %s", cs.worker_id, msg)));
@@ -132,17 +166,38 @@ sbw_disconnect(void)
 	if (cs.link)
 	{
 		(void) sbw_flush_acks();
-		sbw_amqp_close(cs.link);
+		sbw_amqp_close(cs.link, SBW_CLOSE_MS);
 		cs.link = NULL;
 	}
 	cs.ack_pending = 0;
 }
 
-/* Schedule the next connection attempt: 1 s, 2 s, 4 s ... retry_delay. */
+/*
+ * At exit: acknowledge what was committed, close within SBW_CLOSE_MS (a
+ * silent broker cannot hold up a shutdown), and let go of the redelivery
+ * lock.
+ */
+static void
+sbw_consumer_exit(int code, Datum arg)
+{
+	if (cs.link)
+	{
+		(void) sbw_flush_acks();
+		sbw_amqp_close(cs.link, SBW_CLOSE_MS);
+		cs.link = NULL;
+	}
+	sbw_unlock_redeliveries();
+}
+
+/*
+ * Schedule the next connection attempt: 1 s, 2 s, 4 s ... retry_delay,
+ * growing with failed connections and with failed transactions in a row (a
+ * reconnection that works does not end a database outage).
+ */
 static void
 sbw_backoff(void)
 {
-	long		ms = (long) SBW_MIN_BACKOFF_MS << Min(cs.failures, 12);
+	long		ms = (long) SBW_MIN_BACKOFF_MS << Min(Max(cs.failures, cs.txn_failures), 12);
 
 	ms = Min(ms, (long) sbw_rabbit_retry_delay * 1000L);
 	cs.failures++;
@@ -168,11 +223,23 @@ sbw_ready_to_consume(void)
 	}
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	ready = OidIsValid(get_extension_oid(SBW_EXTENSION_NAME, true));
-	CommitTransactionCommand();
-	pgstat_report_stat(false);
+	cs.tables = sbw_ledger_tables();
+	ready = OidIsValid(cs.tables.extension);
 	if (!ready)
 		cs.waiting_for = "CREATE EXTENSION storyboard_worker";
+	else if (!superuser_arg(sbw_extension_owner(cs.tables.extension)))
+	{
+		/*
+		 * The workers write the extension's tables as a superuser: an owner
+		 * who is not one could attach triggers or defaults to them and run
+		 * code as the superuser.
+		 */
+		cs.waiting_for = "the owner of extension storyboard_worker to be a superuser "
+			"(the workers write its tables with superuser rights)";
+		ready = false;
+	}
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
 	return ready;
 }
 
@@ -257,12 +324,14 @@ sbw_connect(void)
 /*
  * Error recovery inside a PG_CATCH of the consumer's own transactions: keep
  * the process alive, roll the transaction back, and log "<what>: <error>"
- * (also shown in the stats view).
+ * (also shown in the stats view); returns the error's message.  'what'
+ * must not live in ErrorContext: build it before the PG_TRY.
  */
-static void
-sbw_recover(MemoryContext oldcxt, const char *what)
+static char *
+sbw_recover(MemoryContext oldcxt, const char *what, int *sqlerrcode)
 {
 	ErrorData  *edata;
+	char	   *message;
 
 	MemoryContextSwitchTo(oldcxt);
 	edata = CopyErrorData();
@@ -270,116 +339,275 @@ sbw_recover(MemoryContext oldcxt, const char *what)
 	AbortCurrentTransaction();
 	MemoryContextSwitchTo(oldcxt);
 	sbw_note_error(LOG, psprintf("%s: %s", what, edata->message));
+	message = pstrdup(edata->message);
+	if (sqlerrcode)
+		*sqlerrcode = edata->sqlerrcode;
 	FreeErrorData(edata);
+	return message;
 }
 
 /*
- * Is there a ledger table?  Looked up again only after DDL (the extension
- * updated to 1.1, dropped, created), not for every batch.
+ * Start one of the consumer's own transactions, with a snapshot and SPI.
  */
-static bool
-sbw_ledger_cached(void)
+static void
+sbw_begin(const char *activity)
 {
-	static uint64 generation = 0;
-	static bool available = false;
-
-	if (generation != sbw_catalog_generation())
-	{
-		available = sbw_ledger_available();
-		generation = sbw_catalog_generation();
-	}
-	return available;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
 }
 
 /*
- * Dispatch a batch of deliveries in one transaction and acknowledge them
- * after COMMIT.  Returns false if the connection was lost or the
- * transaction failed (the caller then reconnects after a back-off).
+ * Commit, and make the commit durable before anything is acknowledged:
+ * flush the WAL up to the commit record ourselves, whatever
+ * synchronous_commit the database, the role or a plugin asked for (a
+ * plugin's own settings end with its call; see scope.c).  So a message is
+ * acknowledged only after its effects survive a crash, by construction.
  */
-static bool
-sbw_process_batch(SbwDelivery *batch, int n)
+static void
+sbw_commit_durably(void)
 {
-	MemoryContext oldcxt = CurrentMemoryContext;
-	volatile uint64 processed = 0;
-	volatile uint64 dead = 0;
-	volatile uint64 redelivered = 0;
-	volatile uint64 duplicates = 0;
-	char	   *err = NULL;
-	volatile bool ok = true;
-	int			i;
-	bool		ledger;
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	XLogFlush(XactLastCommitEnd);
+}
 
-	PG_TRY();
-	{
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		pgstat_report_activity(STATE_RUNNING, "storyboard_worker: dispatching events");
-		ledger = sbw_ledger_cached();
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-
-		for (i = 0; i < n; i++)
-		{
-			SbwMessage	msg;
-			SbwDispatch d;
-
-			msg.routing_key = batch[i].routing_key;
-			msg.message_id = batch[i].message_id;
-			msg.redelivered = batch[i].redelivered;
-			msg.body = batch[i].body;
-			msg.body_len = batch[i].body_len;
-			if (msg.redelivered)
-				redelivered++;
-
-			/* applied before the ack was lost?  then only acknowledge it */
-			if (ledger && !sbw_ledger_claim(sbw_ledger_key(&msg)) &&
-				msg.redelivered)
-			{
-				duplicates++;
-				continue;
-			}
-
-			memset(&d, 0, sizeof(d));
-			d.keep_failures = true;
-			d.keep_undecodable = true;
-			d.resultcxt = CurrentMemoryContext;
-			sbw_dispatch(&d, &msg);
-			processed++;
-			dead += d.ndead_lettered;
-		}
-
-		SPI_finish();
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-	}
-	PG_CATCH();
-	{
-		sbw_recover(oldcxt, psprintf("transaction failed, %d message(s) requeued", n));
-		ok = false;
-	}
-	PG_END_TRY();
-
+/* After one of our transactions, committed or not. */
+static void
+sbw_after_transaction(MemoryContext oldcxt)
+{
 	MemoryContextSwitchTo(oldcxt);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
+}
 
-	if (!ok)
+/* The message a delivery carries, with metadata made storable text. */
+static void
+sbw_message_of(const SbwDelivery *dv, SbwMessage *msg)
+{
+	memset(msg, 0, sizeof(*msg));
+	msg->routing_key = sbw_storable_text(dv->routing_key, strlen(dv->routing_key));
+	if (dv->message_id)
 	{
-		/*
-		 * Never acknowledged: give them back to the broker.  What earlier
-		 * batches committed is acknowledged first, so that the nack's
-		 * "multiple" covers this batch only.
-		 */
-		if (!sbw_flush_acks())
-			return false;
-		if (!sbw_amqp_nack(cs.link, batch[n - 1].delivery_tag, true, true, &err))
-			sbw_note_error(LOG, err);
-		return false;
+		msg->message_id = sbw_storable_text(dv->message_id, dv->message_id_len);
+		msg->message_id_raw = dv->message_id;
+		msg->message_id_len = dv->message_id_len;
+	}
+	msg->redelivered = dv->redelivered;
+	msg->body = dv->body;
+	msg->body_len = dv->body_len;
+	msg->body_declared_len = dv->body_declared_len;
+}
+
+/* What one transaction did, for the stats view. */
+typedef struct SbwTally
+{
+	uint64		processed;
+	uint64		dead;
+	uint64		redelivered;
+	uint64		duplicates;
+} SbwTally;
+
+/*
+ * How to run a message: normally (NULL), or as a counted redelivery, which
+ * loses its count when it is applied, or is given up on (give_up > 0:
+ * dead-lettered unrun after that many failures, the last one last_error).
+ */
+typedef struct SbwVerdict
+{
+	bool		counted;
+	int			give_up;
+	const char *last_error;
+} SbwVerdict;
+
+/*
+ * Apply one message inside the open transaction: claim it in the ledger,
+ * then dispatch it to the plugins, or dead-letter it unrun (see
+ * SbwVerdict).
+ */
+static void
+sbw_apply(SbwDelivery *dv, SbwLedgerTables tables, const SbwVerdict *v,
+		  SbwTally *t)
+{
+	SbwMessage	msg;
+	SbwDispatch d;
+	bytea	   *key = NULL;
+	bool		counted = v && v->counted;
+
+	sbw_message_of(dv, &msg);
+	if (msg.redelivered)
+		t->redelivered++;
+	if (tables.ledger)
+	{
+		key = sbw_ledger_key(&msg);
+		/* applied before the ack was lost?  then only acknowledge it */
+		if (!sbw_ledger_claim(key) && msg.redelivered)
+		{
+			t->duplicates++;
+			if (counted)
+				sbw_ledger_forget_attempts(key);
+			return;
+		}
 	}
 
-	sbw_slot_count(0, processed, dead, redelivered, duplicates);
-	cs.ack_tag = batch[n - 1].delivery_tag;
+	memset(&d, 0, sizeof(d));
+	d.keep_failures = true;
+	d.keep_undecodable = true;
+	d.resultcxt = CurrentMemoryContext;
+	if (v && v->give_up > 0)
+		sbw_dispatch_give_up(&d, &msg, v->give_up, v->last_error);
+	else
+		sbw_dispatch(&d, &msg);
+	if (counted && key)
+		sbw_ledger_forget_attempts(key);
+	t->processed++;
+	t->dead += d.ndead_lettered;
+}
+
+/* Why a transaction failed: its error, and whose fault that was. */
+typedef struct SbwFailure
+{
+	char	   *error;			/* NULL: it committed */
+	int			sqlerrcode;
+} SbwFailure;
+
+/*
+ * Was a failure the database's rather than the message's?  A privilege or
+ * object that is missing, a read-only or recovering database, no disk, an
+ * administrator's cancel or shutdown, a serialization failure: the same
+ * message would succeed once that is over, and it must not be counted
+ * towards max_redeliveries (an outage would otherwise dead-letter the whole
+ * queue).  Anything else (an error at COMMIT from the plugins' work, out of
+ * memory, an internal error) may be the message's.
+ */
+static bool
+sbw_failure_is_environmental(int sqlerrcode)
+{
+	switch (ERRCODE_TO_CATEGORY(sqlerrcode))
+	{
+		case ERRCODE_CONNECTION_EXCEPTION:
+		case ERRCODE_INVALID_TRANSACTION_STATE:
+		case ERRCODE_INVALID_CATALOG_NAME:
+		case ERRCODE_TRANSACTION_ROLLBACK:
+		case ERRCODE_SYNTAX_ERROR_OR_ACCESS_RULE_VIOLATION:
+		case ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE:
+		case ERRCODE_OPERATOR_INTERVENTION:
+		case ERRCODE_SYSTEM_ERROR:
+			return true;
+		case ERRCODE_INSUFFICIENT_RESOURCES:
+			return sqlerrcode != ERRCODE_OUT_OF_MEMORY;
+		default:
+			return false;
+	}
+}
+
+/*
+ * While first deliveries run, hold the redelivery lock in share mode (for
+ * the transaction): a redelivered message then runs with no other message
+ * in flight anywhere, and a crash while it runs is its own.
+ */
+static void
+sbw_share_redelivery_lock(SbwLedgerTables tables)
+{
+	LOCKTAG		tag;
+
+	if (!OidIsValid(tables.extension) || !sbw_counting_redeliveries())
+		return;
+	SET_LOCKTAG_OBJECT(tag, MyDatabaseId, ExtensionRelationId, tables.extension, 1);
+	(void) LockAcquire(&tag, ShareLock, false, false);
+}
+
+/*
+ * Run deliveries in one transaction, committed durably.  Returns false if
+ * it could not commit (everything is rolled back and logged; *failure, if
+ * given, says why).
+ */
+static bool
+sbw_run_transaction(SbwDelivery *dvs, int n, const SbwVerdict *v, SbwFailure *failure)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	char	   *what = psprintf("transaction of %d message(s) failed", n);
+	SbwFailure	f = {NULL, 0};
+	SbwTally	t = {0, 0, 0, 0};
+
+	PG_TRY();
+	{
+		SbwLedgerTables tables;
+		int			i;
+
+		sbw_begin("storyboard_worker: dispatching events");
+		tables = cs.tables = sbw_ledger_tables();
+		if (v == NULL)
+			sbw_share_redelivery_lock(tables);
+		for (i = 0; i < n; i++)
+			sbw_apply(&dvs[i], tables, v, &t);
+		sbw_commit_durably();
+	}
+	PG_CATCH();
+	{
+		f.error = sbw_recover(oldcxt, what, &f.sqlerrcode);
+	}
+	PG_END_TRY();
+	sbw_after_transaction(oldcxt);
+	if (failure)
+		*failure = f;
+	if (f.error != NULL)
+	{
+		cs.txn_failures++;
+		return false;
+	}
+	cs.txn_failures = 0;
+	sbw_slot_count(0, t.processed, t.dead, t.redelivered, t.duplicates);
+	return true;
+}
+
+/*
+ * Remember, in its own short transaction, why a message's transaction
+ * failed: the dead letter it may become says so.  A failure that was the
+ * database's takes back the attempt it cost, if it was counted; for a first
+ * delivery it is not noted at all.  A failure here is only logged.
+ */
+static void
+sbw_note_failure(SbwDelivery *dv, const SbwFailure *f, bool counted)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	volatile bool environmental;
+
+	if (!sbw_counting_redeliveries() || f->error == NULL)
+		return;
+	environmental = sbw_failure_is_environmental(f->sqlerrcode);
+	if (environmental && !counted)
+		return;
+	PG_TRY();
+	{
+		SbwMessage	msg;
+
+		sbw_begin("storyboard_worker: noting a failure");
+		sbw_message_of(dv, &msg);
+		sbw_ledger_note_failure(sbw_ledger_key(&msg), f->error, environmental);
+		sbw_commit_durably();
+	}
+	PG_CATCH();
+	{
+		(void) sbw_recover(oldcxt, "could not note why a message failed", NULL);
+	}
+	PG_END_TRY();
+	sbw_after_transaction(oldcxt);
+}
+
+/*
+ * Note committed deliveries for acknowledgement: acks are deferred and
+ * sent with multiple=true (see sbw_flush_acks).  Returns false if the
+ * connection is lost.
+ */
+static bool
+sbw_committed(uint64 tag, int n)
+{
+	cs.ack_tag = tag;
 	if (cs.ack_pending == 0)
 		cs.ack_since = GetCurrentTimestamp();
 	cs.ack_pending += n;
@@ -389,53 +617,292 @@ sbw_process_batch(SbwDelivery *batch, int n)
 }
 
 /*
- * Take every delivery that is already here, in batches, without waiting.
- * Returns the number handled, or -1 if the connection must be dropped.
+ * Give a delivery that could not commit back to the broker, alone: it comes
+ * back redelivered, and counted (sbw_process_redelivered).  What earlier
+ * transactions committed is acknowledged first.
+ */
+static void
+sbw_requeue(uint64 tag)
+{
+	char	   *err = NULL;
+
+	if (!sbw_flush_acks())
+		return;
+	if (!sbw_amqp_nack(cs.link, tag, false, true, &err))
+		sbw_note_error(LOG, err);
+}
+
+/*
+ * Dispatch a batch of first deliveries in one transaction and acknowledge
+ * them after COMMIT.  A batch that cannot commit runs again one event per
+ * transaction: only the events that fail alone are requeued (to come back
+ * redelivered, and counted).  Returns false if nothing could commit (the
+ * caller drops the connection and backs off), or if the connection was
+ * lost.
+ */
+static bool
+sbw_process_batch(SbwDelivery *batch, int n)
+{
+	int			committed = 0;
+	SbwFailure	f;
+	int			i;
+
+	if (sbw_run_transaction(batch, n, NULL, &f))
+		return sbw_committed(batch[n - 1].delivery_tag, n);
+	if (n == 1)
+	{
+		sbw_note_failure(&batch[0], &f, false);
+		sbw_requeue(batch[0].delivery_tag);
+		return false;
+	}
+	ereport(LOG,
+			(errmsg("storyboard_worker consumer %d: running the %d events of a failed batch one at a time",
+					cs.worker_id, n)));
+	for (i = 0; i < n; i++)
+	{
+		if (sbw_run_transaction(&batch[i], 1, NULL, &f))
+		{
+			if (!sbw_committed(batch[i].delivery_tag, 1))
+				return false;
+			committed++;
+			continue;
+		}
+		sbw_note_failure(&batch[i], &f, false);
+		sbw_requeue(batch[i].delivery_tag);
+	}
+	/* nothing could commit: the database's fault, not a message's */
+	return committed > 0;
+}
+
+/*
+ * Take the lock under which redelivered messages run, one at a time in the
+ * database: a session lock on our extension's pg_extension row (sub-object
+ * 1, visible in pg_locks), held across the count and the event's
+ * transaction.  Needs a transaction.
+ */
+static void
+sbw_lock_redeliveries(void)
+{
+	Oid			extoid = get_extension_oid(SBW_EXTENSION_NAME, false);
+
+	SET_LOCKTAG_OBJECT(cs.redelivery_tag, MyDatabaseId, ExtensionRelationId,
+					   extoid, 1);
+	(void) LockAcquire(&cs.redelivery_tag, ExclusiveLock, true, false);
+	cs.redelivery_locked = true;
+}
+
+/*
+ * Let go of that lock.  A transaction that aborted has already released it
+ * (an abort releases session locks too).
+ */
+static void
+sbw_unlock_redeliveries(void)
+{
+	if (cs.redelivery_locked && LockHeldByMe(&cs.redelivery_tag, ExclusiveLock))
+		LockRelease(&cs.redelivery_tag, ExclusiveLock, true);
+	cs.redelivery_locked = false;
+}
+
+/*
+ * The first step of a redelivered message, in a transaction of its own
+ * that is committed and flushed before any plugin runs: take the lock, and
+ * unless the ledger shows it applied already (*duplicate), count this
+ * attempt.  Returns the count (0: not counted), or -1 on failure;
+ * *last_error is why the previous attempt failed, if it was recorded.
+ */
+static int
+sbw_count_redelivery(SbwDelivery *dv, bool *duplicate, char **last_error)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	char	   *what = psprintf("counting redelivery %llu failed",
+								(unsigned long long) dv->delivery_tag);
+	volatile int attempts = 0;
+
+	*duplicate = false;
+	PG_TRY();
+	{
+		SbwMessage	msg;
+		bytea	   *key;
+
+		sbw_begin("storyboard_worker: counting a redelivery");
+		sbw_lock_redeliveries();
+		sbw_message_of(dv, &msg);
+		key = sbw_ledger_key(&msg);
+		if (sbw_ledger_contains(key))
+			*duplicate = true;
+		else
+		{
+			char	   *e;
+
+			attempts = sbw_ledger_count_attempt(key, &e);
+			if (e)
+				*last_error = MemoryContextStrdup(oldcxt, e);
+		}
+		sbw_commit_durably();
+	}
+	PG_CATCH();
+	{
+		(void) sbw_recover(oldcxt, what, NULL);
+		attempts = -1;
+	}
+	PG_END_TRY();
+	sbw_after_transaction(oldcxt);
+	return attempts;
+}
+
+/*
+ * A redelivered message: count it, then apply it alone, or dead-letter it
+ * unrun once it has failed max_redeliveries times.  The first delivery is
+ * taken to have failed too (it was redelivered), so the count of failures
+ * before this attempt is attempts - 1 + 1.  Returns false if the
+ * connection must be dropped.
+ */
+static bool
+sbw_process_redelivered(SbwDelivery *dv)
+{
+	bool		duplicate;
+	char	   *last_error = NULL;
+	SbwFailure	f;
+	int			attempts;
+	bool		ok;
+
+	attempts = sbw_count_redelivery(dv, &duplicate, &last_error);
+	if (attempts < 0)
+	{
+		sbw_unlock_redeliveries();
+		sbw_requeue(dv->delivery_tag);
+		return false;
+	}
+	if (duplicate)
+		ok = sbw_run_transaction(dv, 1, NULL, NULL);	/* the ledger skips it */
+	else
+	{
+		SbwVerdict	v = {true, attempts >= sbw_max_redeliveries ? attempts : 0, last_error};
+
+		ok = sbw_run_transaction(dv, 1, &v, &f);
+		if (!ok)
+			sbw_note_failure(dv, &f, true);
+	}
+	sbw_unlock_redeliveries();
+	if (!ok)
+	{
+		sbw_requeue(dv->delivery_tag);
+		return false;
+	}
+	return sbw_committed(dv->delivery_tag, 1);
+}
+
+/*
+ * Are redeliveries counted here?  max_redeliveries is on and the tables
+ * exist (as our last transaction saw them: no catalog access per wake-up).
+ */
+static bool
+sbw_counting_redeliveries(void)
+{
+	return sbw_max_redeliveries > 0 && cs.tables.ledger && cs.tables.redeliveries;
+}
+
+/*
+ * Handle what one read step gathered: the first deliveries as a batch, or
+ * one redelivered message alone.  Returns false if the connection must be
+ * dropped.
+ */
+static bool
+sbw_handle(SbwDelivery *batch, int n, bool redelivered_alone)
+{
+	if (n == 0)
+		return true;
+	sbw_slot_count(n, 0, 0, 0, 0);
+	if (redelivered_alone)
+		return sbw_process_redelivered(&batch[0]);
+	return sbw_process_batch(batch, n);
+}
+
+/*
+ * Read what is already here into batch: up to 'max' first deliveries, or
+ * one redelivered message on its own (*alone; a redelivered one that comes
+ * after first deliveries is kept for the next step in *held).  Returns the
+ * number read; *closed when the connection is lost (*err says why).
+ */
+static int
+sbw_read_step(SbwDelivery *batch, int max, bool counting, SbwDelivery *held,
+			  bool *has_held, bool *alone, bool *closed, char **err)
+{
+	int			n = 0;
+
+	*alone = false;
+	*closed = false;
+	if (*has_held)
+	{
+		batch[0] = *held;
+		*has_held = false;
+		*alone = true;
+		return 1;
+	}
+	while (n < max)
+	{
+		SbwAmqpResult r = sbw_amqp_next(cs.link, &batch[n],
+										(size_t) sbw_max_message_bytes, err);
+
+		if (r != SBW_AMQP_DELIVERY)
+		{
+			*closed = (r == SBW_AMQP_CLOSED);
+			break;
+		}
+		if (counting && batch[n].redelivered)
+		{
+			if (n == 0)
+			{
+				*alone = true;
+				return 1;
+			}
+			*held = batch[n];
+			*has_held = true;
+			break;
+		}
+		n++;
+	}
+	return n;
+}
+
+/*
+ * Take every delivery that is already here, without waiting: first
+ * deliveries in batches, redelivered ones alone.  Returns the number
+ * handled, or -1 if the connection must be dropped.
  */
 static int
 sbw_drain(void)
 {
 	SbwDelivery *batch;
+	SbwDelivery held;
+	bool		has_held = false;
 	int			total = 0;
 	int			batch_size = Max(sbw_batch_size, 1);
+	bool		counting = sbw_counting_redeliveries();
 
 	batch = MemoryContextAlloc(cs.loop_cxt, sizeof(SbwDelivery) * batch_size);
-	while (total < SBW_DRAIN_LIMIT)
+	while (total < SBW_DRAIN_LIMIT || has_held)
 	{
-		int			n = 0;
-		bool		closed = false;
+		bool		closed;
+		bool		alone;
 		char	   *err = NULL;
 		MemoryContext oldcxt = MemoryContextSwitchTo(cs.batch_cxt);
+		int			n = sbw_read_step(batch, batch_size, counting, &held,
+									  &has_held, &alone, &closed, &err);
 
-		while (n < batch_size)
-		{
-			SbwAmqpResult r = sbw_amqp_next(cs.link, &batch[n], &err);
-
-			if (r == SBW_AMQP_DELIVERY)
-				n++;
-			else
-			{
-				closed = (r == SBW_AMQP_CLOSED);
-				break;
-			}
-		}
 		MemoryContextSwitchTo(oldcxt);
-
-		if (n > 0)
-		{
-			sbw_slot_count(n, 0, 0, 0, 0);
-			if (!sbw_process_batch(batch, n))
-				closed = true;
-			total += n;
-		}
-		MemoryContextReset(cs.batch_cxt);
+		if (!sbw_handle(batch, n, alone))
+			closed = true;
+		total += n;
+		if (!has_held)
+			MemoryContextReset(cs.batch_cxt);
 		if (closed)
 		{
 			if (err)
 				sbw_note_error(LOG, err);
 			return -1;
 		}
-		if (n < batch_size)
+		if (n < batch_size && !alone && !has_held)
 		{
 			/*
 			 * Nothing more right now.  Acknowledge before sleeping once the
@@ -456,53 +923,196 @@ sbw_drain(void)
 }
 
 /*
- * Forget ledger rows older than ledger_retention.  Done by consumer 0 only,
- * about once a minute, in its own short transaction; a failure is logged
- * and tried again later, never fatal.
+ * Forget ledger rows older than ledger_retention.  Done by consumer 0
+ * only, once a minute whether the queue is dry or not, in its own short
+ * transaction; a failure is logged and tried again later, never fatal.
  */
 static void
 sbw_prune_ledger(void)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
+	TimestampTz cutoff = GetCurrentTimestamp() -
+		(TimestampTz) sbw_ledger_retention * USECS_PER_SEC;
 
 	PG_TRY();
 	{
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		pgstat_report_activity(STATE_RUNNING, "storyboard_worker: pruning the ledger");
-		if (sbw_ledger_cached())
-		{
-			uint64		n;
+		uint64		n;
 
-			if (SPI_connect() != SPI_OK_CONNECT)
-				elog(ERROR, "SPI_connect failed");
-			n = sbw_ledger_prune(sbw_ledger_retention);
-			SPI_finish();
-			if (n > 0)
-				ereport(DEBUG1,
-						(errmsg("storyboard_worker pruned %llu ledger rows",
-								(unsigned long long) n)));
-		}
+		sbw_begin("storyboard_worker: pruning the ledger");
+		n = sbw_ledger_prune(cutoff);
+		SPI_finish();
 		PopActiveSnapshot();
 		CommitTransactionCommand();
+		if (n > 0)
+			ereport(DEBUG1,
+					(errmsg("storyboard_worker pruned %llu ledger rows",
+							(unsigned long long) n)));
 	}
 	PG_CATCH();
 	{
-		sbw_recover(oldcxt, "could not prune the ledger");
+		(void) sbw_recover(oldcxt, "could not prune the ledger", NULL);
 	}
 	PG_END_TRY();
-	MemoryContextSwitchTo(oldcxt);
-	pgstat_report_stat(false);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	sbw_after_transaction(oldcxt);
 }
 
-/* Sleep on the latch only (not connected). */
+/* Consumer 0's periodic work, due or not: the ledger prune. */
 static void
-sbw_wait(long timeout_ms)
+sbw_maintain(TimestampTz now)
 {
-	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-					 Max(timeout_ms, 1), PG_WAIT_EXTENSION);
+	if (cs.worker_id != 0 || now < cs.next_prune)
+		return;
+	sbw_prune_ledger();
+	cs.next_prune = TimestampTzPlusMilliseconds(now, SBW_PRUNE_EVERY_MS);
+}
+
+/*
+ * A reload: read the settings, and reconnect only if the broker settings
+ * changed (a reconnection hands the prefetched, unacknowledged deliveries
+ * back to the queue, to come again flagged redelivered).
+ */
+static void
+sbw_reload(void)
+{
+	char	   *before = sbw_broker_settings();
+
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	if (strcmp(before, sbw_broker_settings()) != 0)
+	{
+		if (cs.link)
+		{
+			ereport(LOG,
+					(errmsg("storyboard_worker consumer %d: broker settings changed, reconnecting",
+							cs.worker_id)));
+			sbw_disconnect();
+		}
+		cs.failures = 0;
+		cs.backoff_until = 0;
+	}
+	cs.next_check = 0;
+}
+
+/*
+ * May we consume, as far as the database is concerned?  Looked at again
+ * every SBW_IDLE_CHECK_MS (or at once after a wake-up or a failure); a
+ * consumer that may not consume is disconnected and idle, and says why
+ * once.
+ */
+static bool
+sbw_check_ready(TimestampTz now)
+{
+	if (now < cs.next_check)
+		return cs.ready;
+	cs.ready = sbw_ready_to_consume();
+	cs.next_check = TimestampTzPlusMilliseconds(now, SBW_IDLE_CHECK_MS);
+	if (!cs.ready && !cs.logged_waiting)
+	{
+		ereport(LOG,
+				(errmsg("storyboard_worker consumer %d is idle, waiting for %s",
+						cs.worker_id, cs.waiting_for)));
+		cs.logged_waiting = true;
+	}
+	else if (cs.ready)
+		cs.logged_waiting = false;
+	return cs.ready;
+}
+
+/* Not consuming: no connection, state idle. */
+static void
+sbw_go_idle(void)
+{
+	sbw_disconnect();
+	sbw_slot_set_state(SBW_STATE_IDLE, NULL);
+}
+
+/*
+ * How long the connected consumer may sleep: at most half a heartbeat
+ * interval, so that our heartbeats go out and a silent broker is noticed
+ * within two intervals, and less while acks wait for company.
+ */
+static long
+sbw_connected_timeout(void)
+{
+	long		timeout_ms = sbw_amqp_heartbeat(cs.link) > 0 ?
+		sbw_amqp_heartbeat(cs.link) * 1000L / 2 : SBW_IDLE_CHECK_MS;
+
+	timeout_ms = Min(timeout_ms, SBW_IDLE_CHECK_MS);
+	if (cs.ack_pending > 0)
+		timeout_ms = Min(timeout_ms, SBW_ACK_DELAY_MS);
+	return timeout_ms;
+}
+
+/* A connection that failed: drop it, back off, look at the database first. */
+static void
+sbw_connection_lost(void)
+{
+	sbw_disconnect();
+	sbw_backoff();
+	cs.next_check = 0;			/* the extension may be gone */
+}
+
+/*
+ * One step of the consumer: returns how long to sleep afterwards (0: go
+ * round again at once).
+ */
+static long
+sbw_step(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	int			n;
+
+	if (!sbw_enable_notifications)
+	{
+		sbw_go_idle();
+		return 60000;
+	}
+	if (!sbw_check_ready(now))
+	{
+		sbw_go_idle();
+		cs.next_check = 0;		/* woken (CREATE EXTENSION?) or due: look */
+		return SBW_IDLE_CHECK_MS;
+	}
+	if (cs.link == NULL)
+	{
+		if (now < cs.backoff_until)
+			return TimestampDifferenceMilliseconds(now, cs.backoff_until);
+		sbw_connect();
+		return 0;
+	}
+
+	n = sbw_drain();
+	if (n < 0)
+	{
+		sbw_connection_lost();
+		return 0;
+	}
+	sbw_maintain(GetCurrentTimestamp());
+	if (n > 0)
+		return 0;
+	if (sbw_amqp_socket(cs.link) < 0)
+	{
+		/* the library closed the socket itself (a timed-out RPC) */
+		sbw_note_error(LOG, "the broker connection was closed by the AMQP library");
+		sbw_connection_lost();
+		return 0;
+	}
+	return sbw_connected_timeout();
+}
+
+/* Sleep on the latch, and on the broker's socket when connected. */
+static void
+sbw_sleep(long timeout_ms)
+{
+	if (cs.link && sbw_amqp_socket(cs.link) >= 0)
+		(void) WaitLatchOrSocket(MyLatch,
+								 WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT |
+								 WL_EXIT_ON_PM_DEATH,
+								 sbw_amqp_socket(cs.link), Max(timeout_ms, 1),
+								 PG_WAIT_EXTENSION);
+	else
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Max(timeout_ms, 1), PG_WAIT_EXTENSION);
 	ResetLatch(MyLatch);
 }
 
@@ -511,9 +1121,6 @@ void
 sbw_consumer_main(Datum main_arg)
 {
 	Oid			dboid;
-	TimestampTz next_check = 0;
-	TimestampTz next_prune = 0;
-	bool		ready = false;
 
 	memset(&cs, 0, sizeof(cs));
 	cs.worker_id = DatumGetInt32(main_arg);
@@ -526,7 +1133,7 @@ sbw_consumer_main(Datum main_arg)
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
 	sbw_slot_attach(cs.worker_id);
 	pgstat_report_appname(psprintf("storyboard_worker consumer %d", cs.worker_id));
-	before_shmem_exit((pg_on_exit_callback) sbw_disconnect, (Datum) 0);
+	before_shmem_exit(sbw_consumer_exit, (Datum) 0);
 
 	cs.loop_cxt = AllocSetContextCreate(TopMemoryContext,
 										"storyboard_worker consumer loop",
@@ -537,156 +1144,16 @@ sbw_consumer_main(Datum main_arg)
 
 	for (;;)
 	{
-		TimestampTz now;
 		long		timeout_ms;
 
+		MemoryContextReset(cs.loop_cxt);
 		MemoryContextSwitchTo(cs.loop_cxt);
 		CHECK_FOR_INTERRUPTS();
-
 		if (ConfigReloadPending)
-		{
-			char	   *before = sbw_broker_settings();
-			char	   *after;
+			sbw_reload();
 
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-			after = sbw_broker_settings();
-
-			/*
-			 * Reconnect only if the broker settings changed: a reconnection
-			 * hands the prefetched, unacknowledged deliveries back to the
-			 * queue, to come again flagged redelivered.
-			 */
-			if (strcmp(before, after) != 0)
-			{
-				if (cs.link)
-				{
-					ereport(LOG,
-							(errmsg("storyboard_worker consumer %d: broker settings changed, reconnecting",
-									cs.worker_id)));
-					sbw_disconnect();
-				}
-				cs.failures = 0;
-				cs.backoff_until = 0;
-			}
-			next_check = 0;
-		}
-
-		now = GetCurrentTimestamp();
-		if (!sbw_enable_notifications)
-		{
-			sbw_disconnect();
-			sbw_slot_set_state(SBW_STATE_IDLE, NULL);
-			MemoryContextReset(cs.loop_cxt);
-			sbw_wait(60000);
-			continue;
-		}
-
-		if (cs.link == NULL && now >= next_check)
-		{
-			ready = sbw_ready_to_consume();
-			next_check = TimestampTzPlusMilliseconds(now, SBW_IDLE_CHECK_MS);
-			if (!ready && !cs.logged_waiting)
-			{
-				ereport(LOG,
-						(errmsg("storyboard_worker consumer %d is idle, waiting for %s",
-								cs.worker_id, cs.waiting_for)));
-				cs.logged_waiting = true;
-			}
-			else if (ready)
-				cs.logged_waiting = false;
-		}
-		if (!ready)
-		{
-			sbw_disconnect();
-			sbw_slot_set_state(SBW_STATE_IDLE, NULL);
-			MemoryContextReset(cs.loop_cxt);
-			sbw_wait(SBW_IDLE_CHECK_MS);
-			next_check = 0;		/* woken (CREATE EXTENSION?) or due: look */
-			continue;
-		}
-
-		if (cs.link == NULL)
-		{
-			if (now < cs.backoff_until)
-			{
-				MemoryContextReset(cs.loop_cxt);
-				sbw_wait(TimestampDifferenceMilliseconds(now, cs.backoff_until));
-				continue;
-			}
-			sbw_connect();
-			MemoryContextReset(cs.loop_cxt);
-			continue;
-		}
-
-		/* connected: take what is here, then sleep on socket and latch */
-		{
-			int			n = sbw_drain();
-
-			if (n < 0)
-			{
-				sbw_disconnect();
-				sbw_backoff();
-				/* the extension may be gone: check before reconnecting */
-				next_check = 0;
-				MemoryContextReset(cs.loop_cxt);
-				continue;
-			}
-			if (n > 0)
-			{
-				MemoryContextReset(cs.loop_cxt);
-				continue;
-			}
-		}
-
-		/*
-		 * Nothing to do: still allowed to consume?  A DROP EXTENSION is
-		 * noticed here within SBW_IDLE_CHECK_MS even when no message
-		 * arrives, and the consumer goes idle without an error.
-		 */
-		if (now >= next_check)
-		{
-			next_check = TimestampTzPlusMilliseconds(now, SBW_IDLE_CHECK_MS);
-			if (!sbw_ready_to_consume())
-			{
-				ready = false;
-				next_check = 0;	/* the idle branch logs why, once */
-				sbw_disconnect();
-				MemoryContextReset(cs.loop_cxt);
-				continue;
-			}
-		}
-
-		if (cs.worker_id == 0 && now >= next_prune)
-		{
-			sbw_prune_ledger();
-			next_prune = TimestampTzPlusMilliseconds(now, 60000);
-		}
-
-		/*
-		 * Wake at least twice per heartbeat interval, so that our heartbeats
-		 * go out and a silent broker is noticed within two intervals.
-		 */
-		timeout_ms = sbw_amqp_heartbeat(cs.link) > 0 ?
-			sbw_amqp_heartbeat(cs.link) * 1000L / 2 : SBW_IDLE_CHECK_MS;
-		timeout_ms = Min(timeout_ms, SBW_IDLE_CHECK_MS);
-		if (cs.ack_pending > 0)
-			timeout_ms = Min(timeout_ms, SBW_ACK_DELAY_MS);
-		if (sbw_amqp_socket(cs.link) < 0)
-		{
-			/* the library closed the socket itself (a timed-out RPC) */
-			sbw_note_error(LOG, "the broker connection was closed by the AMQP library");
-			sbw_disconnect();
-			sbw_backoff();
-			MemoryContextReset(cs.loop_cxt);
-			continue;
-		}
-		(void) WaitLatchOrSocket(MyLatch,
-								 WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT |
-								 WL_EXIT_ON_PM_DEATH,
-								 sbw_amqp_socket(cs.link), timeout_ms,
-								 PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		MemoryContextReset(cs.loop_cxt);
+		timeout_ms = sbw_step();
+		if (timeout_ms > 0)
+			sbw_sleep(timeout_ms);
 	}
 }

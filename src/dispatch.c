@@ -15,6 +15,13 @@
  * failure becomes a row in storyboard_worker.dead_letters, in the same
  * transaction, so it can be replayed.
  *
+ * Each plugin call runs in a plugin scope (scope.h): as the plugin role, in
+ * a settings scope of its own, its deferred constraints fired before it
+ * returns.  The extension's own statements (dead letters, replay) are
+ * internal statements, immune to the search_path.  The registry is pinned
+ * for the whole dispatch (plugins.h): a plugin that changes the registry,
+ * or calls process_event itself, cannot free what is being iterated.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -22,110 +29,38 @@
 #include "access/htup_details.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
-#include "catalog/pg_authid.h"
-#include "catalog/pg_database.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
+#include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
+#include "nodes/parsenodes.h"
 #include "storage/latch.h"
-#include "utils/acl.h"
 #include "utils/builtins.h"
-#include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
-#include "utils/syscache.h"
+#include "utils/regproc.h"
+#include "utils/timestamp.h"
 #include "utils/typcache.h"
 #include "utils/wait_event.h"
 
 #include "event_decode.h"
+#include "namecache.h"
+#include "plugins.h"
+#include "scope.h"
 #include "storyboard_worker.h"
 #include "dispatch.h"
 
 PG_FUNCTION_INFO_V1(sbw_process_event);
 PG_FUNCTION_INFO_V1(sbw_replay);
 
-/* Plans kept for the life of the backend (re-validated by the plancache). */
-static SPIPlanPtr dead_letter_plan = NULL;
+/* The author lookup: plan kept per "users" relation it reads. */
 static SPIPlanPtr author_plan = NULL;
 static Oid	author_relid = InvalidOid;	/* the relation author_plan reads */
-static Oid	author_relid_now = InvalidOid;	/* what "users" resolves to */
-static uint64 author_generation = 0;
-static OverrideSearchPath *author_path = NULL;
-
-/* The role plugins run as, resolved from storyboard_worker.role. */
-static Oid	plugin_role = InvalidOid;
-static char *plugin_role_setting = NULL;
-static bool role_callback_registered = false;
-static bool superuser_warned = false;
-
-/* Forget the resolved role when any role changes (renamed, dropped). */
-static void
-sbw_role_callback(Datum arg, int cacheid, uint32 hashvalue)
-{
-	plugin_role = InvalidOid;
-}
-
-/*
- * The role plugins run as: storyboard_worker.role, or the database owner
- * when it is empty.  A role that does not exist is a configuration error:
- * it aborts the transaction, so the consumer requeues the message and backs
- * off instead of dead-lettering every event.
- */
-static Oid
-sbw_get_plugin_role(void)
-{
-	const char *setting = sbw_role ? sbw_role : "";
-
-	if (OidIsValid(plugin_role) && plugin_role_setting &&
-		strcmp(plugin_role_setting, setting) == 0)
-		return plugin_role;
-
-	if (!role_callback_registered)
-	{
-		CacheRegisterSyscacheCallback(AUTHOID, sbw_role_callback, (Datum) 0);
-		CacheRegisterSyscacheCallback(DATABASEOID, sbw_role_callback, (Datum) 0);
-		role_callback_registered = true;
-	}
-
-	if (setting[0] == '\0')
-	{
-		HeapTuple	tup = SearchSysCache1(DATABASEOID,
-										  ObjectIdGetDatum(MyDatabaseId));
-
-		if (!HeapTupleIsValid(tup))
-			elog(ERROR, "cache lookup failed for database %u", MyDatabaseId);
-		plugin_role = ((Form_pg_database) GETSTRUCT(tup))->datdba;
-		ReleaseSysCache(tup);
-	}
-	else
-	{
-		plugin_role = get_role_oid(setting, true);
-		if (!OidIsValid(plugin_role))
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_OBJECT),
-					 errmsg("role \"%s\" named in storyboard_worker.role does not exist",
-							setting),
-					 errhint("Create the role, or change storyboard_worker.role and reload.")));
-	}
-
-	if (plugin_role_setting)
-		pfree(plugin_role_setting);
-	plugin_role_setting = MemoryContextStrdup(TopMemoryContext, setting);
-
-	if (IsBackgroundWorker && !superuser_warned && superuser_arg(plugin_role))
-	{
-		superuser_warned = true;
-		ereport(WARNING,
-				(errmsg("storyboard_worker plugins run as superuser \"%s\"",
-						GetUserNameFromId(plugin_role, false)),
-				 errhint("Set storyboard_worker.role to a role that can only read and write StoryBoard's tables.")));
-	}
-	return plugin_role;
-}
+static SbwNameCache author_names = {0};
 
 /* Build a bytea from a buffer that may hold NUL bytes. */
 static bytea *
@@ -138,10 +73,16 @@ sbw_bytea(const char *data, size_t len)
 	return b;
 }
 
+static SbwStmt dead_letter_stmt = SBW_STMT(
+	"INSERT INTO storyboard_worker.dead_letters"
+	" (routing_key, body, plugin, error, sqlstate, message_id, redelivered)"
+	" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+	7, TEXTOID, BYTEAOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, BOOLOID);
+
 /*
  * Store a dead letter and return its id.  Runs in the current
- * (sub)transaction with the worker's own rights: plugins cannot write or
- * read this table.
+ * (sub)transaction with the worker's own rights, as an internal statement:
+ * plugins cannot write or read this table.
  */
 static int64
 sbw_dead_letter(const SbwMessage *msg, const char *plugin, const char *error,
@@ -150,18 +91,6 @@ sbw_dead_letter(const SbwMessage *msg, const char *plugin, const char *error,
 	Datum		values[7];
 	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	bool		isnull;
-	int			ret;
-	int64		id;
-
-	Oid			types[7] = {TEXTOID, BYTEAOID, TEXTOID, TEXTOID, TEXTOID,
-	TEXTOID, BOOLOID};
-	SPIPlanPtr	plan;
-
-	plan = sbw_keep_plan(&dead_letter_plan,
-						 "INSERT INTO storyboard_worker.dead_letters"
-						 " (routing_key, body, plugin, error, sqlstate, message_id, redelivered)"
-						 " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-						 7, types);
 
 	values[0] = msg->routing_key ? CStringGetTextDatum(msg->routing_key) : (Datum) 0;
 	nulls[0] = msg->routing_key ? ' ' : 'n';
@@ -175,25 +104,25 @@ sbw_dead_letter(const SbwMessage *msg, const char *plugin, const char *error,
 	nulls[5] = msg->message_id ? ' ' : 'n';
 	values[6] = BoolGetDatum(msg->redelivered);
 
-	ret = SPI_execute_plan(plan, values, nulls, false, 1);
-	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
-		elog(ERROR, "could not store dead letter: %s", SPI_result_code_string(ret));
-	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-									 SPI_tuptable->tupdesc, 1, &isnull));
-	return id;
+	(void) sbw_stmt_execute(&dead_letter_stmt, values, nulls, false, 1,
+							SPI_OK_INSERT_RETURNING);
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+									   SPI_tuptable->tupdesc, 1, &isnull));
 }
 
 /*
  * The author's users row as jsonb, or NULL: what StoryBoard's
  * resolve_resource_by_name('user', author_id) gives plugins.  "users" is
  * found through the search_path, like every StoryBoard table; no users
- * table, no row or no id all give NULL, as in StoryBoard.  Runs as the
- * plugin role, so it needs nothing the plugins do not have.
+ * table, no row or no id all give NULL, as in StoryBoard.  The caller runs
+ * it in a plugin scope (as the plugin role), so it needs nothing the
+ * plugins do not have, and it names pg_catalog's function and operator so
+ * that nothing else on the path is called.
  */
 static Datum
 sbw_lookup_author(const SbwEvent *ev, bool *isnull)
 {
-	Oid			relid;
+	static Oid	users_relid = InvalidOid;	/* what "users" resolves to */
 	Datum		arg;
 	int			ret;
 
@@ -201,34 +130,32 @@ sbw_lookup_author(const SbwEvent *ev, bool *isnull)
 	if (!ev->has_author_id)
 		return (Datum) 0;
 
-	/* resolve "users" again only after DDL or a search_path change */
-	if (author_generation != sbw_catalog_generation() ||
-		author_path == NULL || !OverrideSearchPathMatchesCurrent(author_path))
+	if (sbw_name_cache_stale(&author_names))
 	{
-		author_relid_now = RangeVarGetRelid(makeRangeVar(NULL, "users", -1),
-											NoLock, true);
-		if (author_path)
-			pfree(author_path);
-		author_path = GetOverrideSearchPath(TopMemoryContext);
-		author_generation = sbw_catalog_generation();
+		sbw_name_cache_refresh(&author_names);
+		users_relid = RangeVarGetRelid(makeRangeVar(NULL, "users", -1),
+									   NoLock, true);
 	}
-	relid = author_relid_now;
-	if (!OidIsValid(relid))
+	if (!OidIsValid(users_relid))
 		return (Datum) 0;
 
-	if (author_plan == NULL || relid != author_relid)
+	if (author_plan == NULL || users_relid != author_relid)
 	{
 		Oid			types[1] = {INT8OID};
+		char	   *nspname = get_namespace_name(get_rel_namespace(users_relid));
+		char	   *relname = get_rel_name(users_relid);
 
+		if (nspname == NULL || relname == NULL)
+			return (Datum) 0;	/* dropped meanwhile */
 		if (author_plan)
 			SPI_freeplan(author_plan);
 		author_plan = NULL;
 		(void) sbw_keep_plan(&author_plan,
-							 psprintf("SELECT pg_catalog.to_jsonb(u) FROM %s u WHERE u.id = $1",
-									  quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
-																 get_rel_name(relid))),
+							 psprintf("SELECT pg_catalog.to_jsonb(u) FROM %s u"
+									  " WHERE u.id OPERATOR(pg_catalog.=) $1",
+									  quote_qualified_identifier(nspname, relname)),
 							 1, types);
-		author_relid = relid;
+		author_relid = users_relid;
 	}
 
 	arg = Int64GetDatum(ev->author_id);
@@ -269,8 +196,7 @@ sbw_build_event(const SbwMessage *msg, const SbwEvent *ev, Oid event_type,
 	bool		nulls[SBW_EVENT_NATTS];
 	HeapTuple	tuple;
 	Datum		result;
-	Oid			save_userid;
-	int			save_sec;
+	SbwPluginScope scope;
 	const char *rk = msg->routing_key ? msg->routing_key : ev->resource;
 
 	if (tupdesc->natts != SBW_EVENT_NATTS)
@@ -285,10 +211,9 @@ sbw_build_event(const SbwMessage *msg, const SbwEvent *ev, Oid event_type,
 	values[1] = BoolGetDatum(msg->redelivered);
 	values[2] = Int64GetDatum(ev->author_id);
 	nulls[2] = !ev->has_author_id;
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	sbw_plugin_scope_begin(&scope, role);
 	values[3] = sbw_lookup_author(ev, &nulls[3]);
-	SetUserIdAndSecContext(save_userid, save_sec);
+	sbw_plugin_scope_end(&scope);
 	SBW_TEXT(4, ev->method);
 	SBW_TEXT(5, ev->url);
 	SBW_TEXT(6, ev->path);
@@ -336,18 +261,26 @@ sbw_is_transient(int sqlerrcode)
 
 /*
  * Sleep between retries without ignoring SIGTERM, reloads or barriers:
- * through the latch, never pg_usleep.
+ * through the latch, never pg_usleep.  The latch is set for many reasons
+ * (invalidation catch-up, barriers): sleep on until the delay is over.
  */
 static void
 sbw_retry_sleep(int attempt)
 {
-	long		delay_ms = 100L << Min(attempt - 1, 6);	/* 100 ms, 200 ms, ... */
+	long		delay_ms = Min(100L << Min(attempt - 1, 6), 5000);	/* 100 ms, 200 ms, ... */
+	TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay_ms);
 
-	delay_ms = Min(delay_ms, 5000);
-	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-					 delay_ms, PG_WAIT_EXTENSION);
-	ResetLatch(MyLatch);
-	CHECK_FOR_INTERRUPTS();
+	for (;;)
+	{
+		long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until);
+
+		if (left <= 0)
+			break;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 left, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
 }
 
 /*
@@ -369,68 +302,84 @@ sbw_call(FmgrInfo *finfo, int nargs, Datum arg, bool *isnull)
 	return result;
 }
 
+/* One plugin call, as run inside its subtransaction. */
+typedef struct SbwPluginCall
+{
+	SbwPlugin  *plugin;
+	MemoryContext set_cxt;		/* where its FmgrInfos live */
+	Datum		event;
+	Oid			role;
+	Oid			ext_owner;
+	bool		skipped;		/* out: its enabled() said no */
+} SbwPluginCall;
+
 /*
- * Run one plugin in its own subtransaction, as the plugin role.  Returns
- * true on success (or when its enabled() says no: *skipped); on failure
- * the subtransaction is rolled back and *edata describes the error.
+ * Refuse to run a plugin function its registration would not accept now:
+ * dropped, or given since to an owner who could replace it.
+ */
+static void
+sbw_check_plugin_functions(SbwPluginCall *c)
+{
+	SbwPlugin  *p = c->plugin;
+
+	if (!OidIsValid(p->handler))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("a function of plugin \"%s\" no longer exists", p->name),
+				 errhint("Register the plugin again, or unregister it.")));
+	if (!sbw_owner_trusted(p->handler_owner, c->role, c->ext_owner) ||
+		(OidIsValid(p->enabled) &&
+		 !sbw_owner_trusted(p->enabled_owner, c->role, c->ext_owner)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("a function of plugin \"%s\" is owned by a role that may not run code as the plugin role",
+						p->name),
+				 errhint("Make the plugin role, the extension owner or a superuser the owner of %s%s%s.",
+						 format_procedure(p->handler),
+						 OidIsValid(p->enabled) ? " and " : "",
+						 OidIsValid(p->enabled) ? format_procedure(p->enabled) : "")));
+}
+
+/*
+ * The body of a plugin call (see sbw_call_plugin): its enabled() test,
+ * then its handler, then its deferred constraints, all in the plugin scope.
+ */
+static void
+sbw_plugin_call_body(void *arg)
+{
+	SbwPluginCall *c = (SbwPluginCall *) arg;
+	SbwPlugin  *p = c->plugin;
+	SbwPluginScope scope;
+	bool		isnull;
+
+	sbw_check_plugin_functions(c);
+	sbw_plugin_resolve(p, c->set_cxt);
+	sbw_plugin_scope_begin(&scope, c->role);
+	if (OidIsValid(p->enabled))
+	{
+		Datum		on = sbw_call(&p->enabled_finfo, 0, (Datum) 0, &isnull);
+
+		/* NULL counts as "not enabled" */
+		c->skipped = isnull || !DatumGetBool(on);
+	}
+	if (!c->skipped)
+	{
+		(void) sbw_call(&p->handler_finfo, 1, c->event, &isnull);
+	}
+	sbw_plugin_scope_end(&scope);
+}
+
+/*
+ * Run one plugin in its own subtransaction and settings scope, as the
+ * plugin role.  Returns true on success (or when its enabled() says no:
+ * *skipped); on failure everything it did is rolled back and *edata
+ * describes the error.
  */
 static bool
-sbw_call_plugin(SbwPlugin *p, Datum event, Oid role, bool *skipped,
-				ErrorData **edata)
+sbw_call_plugin(SbwPluginCall *c, ErrorData **edata)
 {
-	MemoryContext oldcxt = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	volatile bool ok = true;
-
-	*skipped = false;
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcxt);
-
-	PG_TRY();
-	{
-		Oid			save_userid;
-		int			save_sec;
-
-		if (!OidIsValid(p->handler))
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_FUNCTION),
-					 errmsg("a function of plugin \"%s\" no longer exists", p->name),
-					 errhint("Register the plugin again, or unregister it.")));
-
-		GetUserIdAndSecContext(&save_userid, &save_sec);
-		SetUserIdAndSecContext(role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
-		if (OidIsValid(p->enabled))
-		{
-			bool		isnull;
-			Datum		on = sbw_call(&p->enabled_finfo, 0, (Datum) 0, &isnull);
-
-			/* NULL counts as "not enabled" */
-			*skipped = isnull || !DatumGetBool(on);
-		}
-		if (!*skipped)
-		{
-			bool		isnull;
-
-			(void) sbw_call(&p->handler_finfo, 1, event, &isnull);
-		}
-		SetUserIdAndSecContext(save_userid, save_sec);
-
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcxt);
-		*edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-		ok = false;
-	}
-	PG_END_TRY();
-	return ok;
+	c->skipped = false;
+	return sbw_subxact_run(sbw_plugin_call_body, c, edata);
 }
 
 /* Record an outcome for the caller, in its memory context. */
@@ -453,10 +402,14 @@ sbw_outcome(SbwDispatch *d, const char *plugin, bool succeeded, bool skipped,
 	MemoryContextSwitchTo(oldcxt);
 }
 
-/* A message that cannot become an event: keep it, say so, go on. */
+/*
+ * A message no plugin will see (undecodable, or given up on): keep it
+ * whole as a dead letter with plugin NULL, say so, go on.  'why' starts
+ * the WARNING.
+ */
 static void
-sbw_undecodable(SbwDispatch *d, const SbwMessage *msg, const char *error,
-				const char *sqlstate)
+sbw_keep_message(SbwDispatch *d, const SbwMessage *msg, const char *why,
+				 const char *error, const char *sqlstate)
 {
 	int64		id = 0;
 
@@ -466,7 +419,7 @@ sbw_undecodable(SbwDispatch *d, const SbwMessage *msg, const char *error,
 	if (d->keep_undecodable)
 		id = sbw_dead_letter(msg, NULL, error, sqlstate);
 	ereport(WARNING,
-			(errmsg("storyboard_worker could not decode a message: %s", error),
+			(errmsg("storyboard_worker %s: %s", why, error),
 			 id ? errdetail("Routing key \"%s\", %zu bytes, message id %s; kept as dead letter %lld.",
 							msg->routing_key ? msg->routing_key : "",
 							msg->body_len,
@@ -475,6 +428,24 @@ sbw_undecodable(SbwDispatch *d, const SbwMessage *msg, const char *error,
 			 id ? errhint("Inspect it with SELECT * FROM storyboard_worker.dead_letters WHERE id = %lld.",
 						  (long long) id) : 0));
 	sbw_outcome(d, NULL, false, false, sqlstate, error, id);
+}
+
+/* The arguments of sbw_build_event, for sbw_subxact_run. */
+typedef struct SbwBuildCall
+{
+	const SbwMessage *msg;
+	const SbwEvent *ev;
+	Oid			event_type;
+	Oid			role;
+	Datum		event;			/* out */
+} SbwBuildCall;
+
+static void
+sbw_build_event_body(void *arg)
+{
+	SbwBuildCall *b = (SbwBuildCall *) arg;
+
+	b->event = sbw_build_event(b->msg, b->ev, b->event_type, b->role);
 }
 
 /*
@@ -487,42 +458,174 @@ sbw_build_event_guarded(SbwDispatch *d, const SbwMessage *msg,
 						const SbwEvent *ev, Oid event_type, Oid role,
 						Datum *event)
 {
-	MemoryContext oldcxt = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	volatile bool ok = true;
-	ErrorData  *volatile edata = NULL;
+	SbwBuildCall b = {msg, ev, event_type, role, (Datum) 0};
+	ErrorData  *edata;
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcxt);
-	PG_TRY();
+	if (sbw_subxact_run(sbw_build_event_body, &b, &edata))
 	{
-		*event = sbw_build_event(msg, ev, event_type, role);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
+		*event = b.event;
+		return true;
 	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-		ok = false;
-	}
-	PG_END_TRY();
+	/* privileges and missing objects are configuration, not the message */
+	if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_SYNTAX_ERROR_OR_ACCESS_RULE_VIOLATION ||
+		ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES ||
+		ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
+		ReThrowError(edata);
+	sbw_keep_message(d, msg, "could not decode a message", edata->message,
+					 unpack_sql_state(edata->sqlerrcode));
+	return false;
+}
 
-	if (!ok)
+/*
+ * Run one plugin for the event, with retries of transient errors, and keep
+ * its failure as a dead letter.
+ */
+static void
+sbw_run_plugin(SbwDispatch *d, const SbwMessage *msg, const SbwEvent *ev,
+			   SbwPluginCall *c)
+{
+	SbwPlugin  *p = c->plugin;
+	ErrorData  *edata = NULL;
+	int			attempt = 0;
+	int64		id = 0;
+
+	while (!sbw_call_plugin(c, &edata))
 	{
-		/* privileges and missing objects are configuration, not the message */
-		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_SYNTAX_ERROR_OR_ACCESS_RULE_VIOLATION ||
-			ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES ||
-			ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
-			ReThrowError(edata);
-		sbw_undecodable(d, msg, edata->message, unpack_sql_state(edata->sqlerrcode));
+		if (!sbw_is_transient(edata->sqlerrcode) || attempt >= sbw_max_retries)
+			break;
+		attempt++;
+		ereport(LOG,
+				(errmsg("storyboard_worker plugin \"%s\" will retry (%d of %d): %s",
+						p->name, attempt, sbw_max_retries, edata->message)));
+		FreeErrorData(edata);
+		edata = NULL;
+		sbw_retry_sleep(attempt);
 	}
-	return ok;
+
+	if (edata == NULL)
+	{
+		sbw_outcome(d, p->name, true, c->skipped, NULL, NULL, 0);
+		return;
+	}
+
+	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED && !IsBackgroundWorker)
+		ReThrowError(edata);
+
+	if (d->keep_failures)
+		id = sbw_dead_letter(msg, p->name, edata->message,
+							 unpack_sql_state(edata->sqlerrcode));
+	ereport(WARNING,
+			(errmsg("storyboard_worker plugin \"%s\" failed: %s",
+					p->name, edata->message),
+			 errdetail("SQLSTATE %s; %s %s event%s%s.",
+					   unpack_sql_state(edata->sqlerrcode),
+					   ev->method ? ev->method : "(no method)",
+					   ev->resource,
+					   id ? ", kept as dead letter " : "",
+					   id ? psprintf("%lld", (long long) id) : ""),
+			 id ? errhint("Fix the plugin, then run SELECT storyboard_worker.replay(%lld).",
+						  (long long) id) : 0));
+	sbw_outcome(d, p->name, false, false, unpack_sql_state(edata->sqlerrcode),
+				edata->message, id);
+	FreeErrorData(edata);
+}
+
+/*
+ * Decode the message; false (and a dead letter) if it cannot become an
+ * event.  A body cut short at max_message_bytes by the consumer (its
+ * frame header announced more) is refused without being decoded.
+ */
+static bool
+sbw_decode_message(SbwDispatch *d, const SbwMessage *msg, SbwEvent *ev)
+{
+	char	   *errmsg_text = NULL;
+	int			sqlerrcode = 0;
+
+	if (msg->body_declared_len > msg->body_len)
+	{
+		sbw_keep_message(d, msg, "could not decode a message",
+						 psprintf("message body of %zu bytes exceeds storyboard_worker.max_message_bytes (%d); only its first %zu bytes were read",
+								  msg->body_declared_len, sbw_max_message_bytes,
+								  msg->body_len),
+						 unpack_sql_state(ERRCODE_PROGRAM_LIMIT_EXCEEDED));
+		return false;
+	}
+	if (!sbw_decode_event(msg->body, msg->body_len, (size_t) sbw_max_message_bytes,
+						  ev, &errmsg_text, &sqlerrcode))
+	{
+		sbw_keep_message(d, msg, "could not decode a message", errmsg_text,
+						 unpack_sql_state(sqlerrcode));
+		return false;
+	}
+	d->decoded = true;
+	return true;
+}
+
+/* sbw_dispatch with the plugin set pinned. */
+static void
+sbw_dispatch_with(SbwDispatch *d, const SbwMessage *msg, SbwPluginSet *set)
+{
+	SbwEvent	ev;
+	ListCell   *lc;
+	Oid			role;
+	Datum		event;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	if (!sbw_decode_message(d, msg, &ev))
+	{
+		SPI_finish();
+		return;
+	}
+
+	role = sbw_plugin_role();
+	if (!sbw_build_event_guarded(d, msg, &ev, set->event_type, role, &event))
+	{
+		SPI_finish();
+		return;
+	}
+
+	/*
+	 * Deferred constraints the caller of process_event() or replay() queued
+	 * fire now, as the caller: the first plugin's end must fire its own
+	 * only.  A consumer's transaction has none (every plugin scope fires
+	 * its own), and its first plugin keeps each constraint's default.
+	 */
+	if (!IsBackgroundWorker)
+		sbw_fire_deferred_constraints();
+
+	foreach(lc, set->plugins)
+	{
+		SbwPluginCall c;
+
+		memset(&c, 0, sizeof(c));
+		c.plugin = (SbwPlugin *) lfirst(lc);
+		if (d->only_plugin && strcmp(d->only_plugin, c.plugin->name) != 0)
+			continue;
+		c.event = event;
+		c.role = role;
+		c.ext_owner = set->ext_owner;
+		c.set_cxt = set->cxt;
+		sbw_run_plugin(d, msg, &ev, &c);
+	}
+
+	SPI_finish();
+}
+
+/* The plugin set, pinned; raises if the extension is not installed. */
+static SbwPluginSet *
+sbw_pin_or_raise(void)
+{
+	SbwPluginSet *set = sbw_plugins_pin();
+
+	if (set == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("extension \"%s\" is not installed in database \"%s\"",
+						SBW_EXTENSION_NAME, get_database_name(MyDatabaseId)),
+				 errhint("Run CREATE EXTENSION %s there.", SBW_EXTENSION_NAME)));
+	return set;
 }
 
 /*
@@ -535,96 +638,39 @@ sbw_build_event_guarded(SbwDispatch *d, const SbwMessage *msg,
 void
 sbw_dispatch(SbwDispatch *d, const SbwMessage *msg)
 {
-	SbwEvent	ev;
-	char	   *errmsg_text = NULL;
-	int			sqlerrcode = 0;
-	List	   *plugins;
-	ListCell   *lc;
-	Oid			event_type;
-	Oid			role;
-	Datum		event;
+	SbwPluginSet *set = sbw_pin_or_raise();
 
-	if (!sbw_plugins_get(&plugins))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("extension \"%s\" is not installed in database \"%s\"",
-						SBW_EXTENSION_NAME, get_database_name(MyDatabaseId)),
-				 errhint("Run CREATE EXTENSION %s there.", SBW_EXTENSION_NAME)));
-	event_type = sbw_event_type_oid();
+	PG_TRY();
+	{
+		sbw_dispatch_with(d, msg, set);
+	}
+	PG_FINALLY();
+	{
+		sbw_plugins_unpin(set);
+	}
+	PG_END_TRY();
+}
 
+/*
+ * Give up on a message without running any plugin: it crashed its consumer
+ * or failed at COMMIT 'failures' times (storyboard_worker.max_redeliveries);
+ * last_error is why the last attempt failed, NULL if it ended the process.
+ * Kept whole as a dead letter with plugin NULL, so that replay() runs every
+ * plugin on it once the cause is fixed.
+ */
+void
+sbw_dispatch_give_up(SbwDispatch *d, const SbwMessage *msg, int failures,
+					 const char *last_error)
+{
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-
-	if (!sbw_decode_event(msg->body, msg->body_len, (size_t) sbw_max_message_bytes,
-						  &ev, &errmsg_text, &sqlerrcode))
-	{
-		sbw_undecodable(d, msg, errmsg_text, unpack_sql_state(sqlerrcode));
-		SPI_finish();
-		return;
-	}
-	d->decoded = true;
-
-	role = sbw_get_plugin_role();
-	if (!sbw_build_event_guarded(d, msg, &ev, event_type, role, &event))
-	{
-		SPI_finish();
-		return;
-	}
-
-	foreach(lc, plugins)
-	{
-		SbwPlugin  *p = (SbwPlugin *) lfirst(lc);
-		ErrorData  *edata = NULL;
-		bool		skipped = false;
-		int			attempt = 0;
-		int64		id = 0;
-
-		if (d->only_plugin && strcmp(d->only_plugin, p->name) != 0)
-			continue;
-
-		for (;;)
-		{
-			if (sbw_call_plugin(p, event, role, &skipped, &edata))
-				break;
-			if (!sbw_is_transient(edata->sqlerrcode) || attempt >= sbw_max_retries)
-				break;
-			attempt++;
-			ereport(LOG,
-					(errmsg("storyboard_worker plugin \"%s\" will retry (%d of %d): %s",
-							p->name, attempt, sbw_max_retries, edata->message)));
-			FreeErrorData(edata);
-			edata = NULL;
-			sbw_retry_sleep(attempt);
-		}
-
-		if (edata == NULL)
-		{
-			sbw_outcome(d, p->name, true, skipped, NULL, NULL, 0);
-			continue;
-		}
-
-		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED && !IsBackgroundWorker)
-			ReThrowError(edata);
-
-		if (d->keep_failures)
-			id = sbw_dead_letter(msg, p->name, edata->message,
-								 unpack_sql_state(edata->sqlerrcode));
-		ereport(WARNING,
-				(errmsg("storyboard_worker plugin \"%s\" failed: %s",
-						p->name, edata->message),
-				 errdetail("SQLSTATE %s; %s %s event%s%s.",
-						   unpack_sql_state(edata->sqlerrcode),
-						   ev.method ? ev.method : "(no method)",
-						   ev.resource,
-						   id ? ", kept as dead letter " : "",
-						   id ? psprintf("%lld", (long long) id) : ""),
-				 id ? errhint("Fix the plugin, then run SELECT storyboard_worker.replay(%lld).",
-							  (long long) id) : 0));
-		sbw_outcome(d, p->name, false, false, unpack_sql_state(edata->sqlerrcode),
-					edata->message, id);
-		FreeErrorData(edata);
-	}
-
+	sbw_keep_message(d, msg, "gave up on a message",
+					 psprintf("crashed or failed at commit %d times; not run again (storyboard_worker.max_redeliveries = %d); %s%s",
+							  failures, sbw_max_redeliveries,
+							  last_error ? "the last attempt failed: " :
+							  "the last attempt ended its process (a crash?)",
+							  last_error ? last_error : ""),
+					 unpack_sql_state(ERRCODE_SBW_POISON));
 	SPI_finish();
 }
 
@@ -694,40 +740,38 @@ sbw_process_event(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+static SbwStmt replay_read_stmt = SBW_STMT(
+	"SELECT routing_key, body, plugin, message_id"
+	" FROM storyboard_worker.dead_letters"
+	" WHERE id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+	1, INT8OID);
+
+static SbwStmt replay_done_stmt = SBW_STMT(
+	"DELETE FROM storyboard_worker.dead_letters WHERE id OPERATOR(pg_catalog.=) $1",
+	1, INT8OID);
+
+static SbwStmt replay_failed_stmt = SBW_STMT(
+	"UPDATE storyboard_worker.dead_letters"
+	" SET error = $2, sqlstate = $3,"
+	"     replay_count = replay_count OPERATOR(pg_catalog.+) 1,"
+	"     last_replayed_at = pg_catalog.now()"
+	" WHERE id OPERATOR(pg_catalog.=) $1",
+	3, INT8OID, TEXTOID, TEXTOID);
+
 /*
- * SQL: replay(dead_letter_id) -> true if it now succeeded.  A plugin's
- * dead letter re-runs that plugin only; an undecodable one is decoded again
- * (max_message_bytes may have been raised) and dispatched to every plugin.
- * Success deletes the dead letter; failure updates its error and count.
+ * Read dead letter 'id' (locking it) into *msg; returns its plugin, NULL
+ * for a whole message.  SPI connected.
  */
-Datum
-sbw_replay(PG_FUNCTION_ARGS)
+static char *
+sbw_replay_read(int64 id, SbwMessage *msg)
 {
-	int64		id = PG_GETARG_INT64(0);
-	Oid			argtypes[1] = {INT8OID};
-	Datum		args[1];
-	int			ret;
-	SbwMessage	msg;
-	SbwDispatch d;
-	char	   *plugin;
-	bool		isnull;
-	bytea	   *body;
+	Datum		args[1] = {Int64GetDatum(id)};
 	TupleDesc	desc;
 	HeapTuple	tup;
-	bool		succeeded;
-	const char *error = NULL;
-	const char *sqlstate = NULL;
+	bytea	   *body;
+	bool		isnull;
 
-	sbw_check_owner("replay storyboard_worker dead letters");
-
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	args[0] = Int64GetDatum(id);
-	ret = SPI_execute_with_args("SELECT routing_key, body, plugin, message_id"
-								" FROM storyboard_worker.dead_letters WHERE id = $1 FOR UPDATE",
-								1, argtypes, args, NULL, false, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not read dead letter: %s", SPI_result_code_string(ret));
+	(void) sbw_stmt_execute(&replay_read_stmt, args, NULL, false, 1, SPI_OK_SELECT);
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
@@ -735,80 +779,106 @@ sbw_replay(PG_FUNCTION_ARGS)
 
 	tup = SPI_copytuple(SPI_tuptable->vals[0]);
 	desc = SPI_tuptable->tupdesc;
-	memset(&msg, 0, sizeof(msg));
-	msg.routing_key = SPI_getvalue(tup, desc, 1);
+	memset(msg, 0, sizeof(*msg));
+	msg->routing_key = SPI_getvalue(tup, desc, 1);
 	body = DatumGetByteaPP(SPI_getbinval(tup, desc, 2, &isnull));
-	msg.body = VARDATA_ANY(body);
-	msg.body_len = VARSIZE_ANY_EXHDR(body);
-	plugin = SPI_getvalue(tup, desc, 3);
-	msg.message_id = SPI_getvalue(tup, desc, 4);
+	msg->body = VARDATA_ANY(body);
+	msg->body_len = VARSIZE_ANY_EXHDR(body);
+	msg->body_declared_len = msg->body_len;
+	msg->message_id = SPI_getvalue(tup, desc, 4);
+	if (msg->message_id)
+	{
+		msg->message_id_raw = msg->message_id;
+		msg->message_id_len = strlen(msg->message_id);
+	}
+	return SPI_getvalue(tup, desc, 3);
+}
+
+/* Refuse to replay a plugin's dead letter when that plugin is gone. */
+static void
+sbw_replay_check_plugin(int64 id, const char *plugin)
+{
+	SbwPluginSet *set = sbw_plugins_pin();
+	ListCell   *lc;
+	bool		registered = false;
+
+	if (set)
+	{
+		foreach(lc, set->plugins)
+			if (strcmp(((SbwPlugin *) lfirst(lc))->name, plugin) == 0)
+				registered = true;
+		sbw_plugins_unpin(set);
+	}
+	if (!registered)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("plugin \"%s\" of dead letter %lld is not registered",
+						plugin, (long long) id),
+				 errhint("Register it with storyboard_worker.register_plugin() first.")));
+}
+
+/*
+ * SQL: replay(dead_letter_id) -> true if it now succeeded.  A plugin's
+ * dead letter re-runs that plugin only; an undecodable one (or one given
+ * up on) is decoded again and dispatched to every plugin (a body refused
+ * by max_message_bytes in process_event can pass once the limit is raised;
+ * one the consumer cut short at the frame header cannot: only its first
+ * bytes were kept).  Success deletes the dead letter; failure updates its
+ * error and count.
+ */
+Datum
+sbw_replay(PG_FUNCTION_ARGS)
+{
+	int64		id = PG_GETARG_INT64(0);
+	SbwMessage	msg;
+	SbwDispatch d;
+	char	   *plugin;
+	bool		succeeded = true;
+	const char *error = NULL;
+	const char *sqlstate = NULL;
+
+	sbw_check_owner("replay storyboard_worker dead letters");
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	plugin = sbw_replay_read(id, &msg);
+	if (plugin)
+		sbw_replay_check_plugin(id, plugin);
 
 	memset(&d, 0, sizeof(d));
 	d.only_plugin = plugin;
 	/* a whole-message replay keeps new plugin failures as new dead letters */
 	d.keep_failures = (plugin == NULL);
 	d.resultcxt = CurrentMemoryContext;
-
-	if (plugin)
-	{
-		List	   *plugins;
-		ListCell   *lc;
-		bool		registered = false;
-
-		if (sbw_plugins_get(&plugins))
-			foreach(lc, plugins)
-				if (strcmp(((SbwPlugin *) lfirst(lc))->name, plugin) == 0)
-					registered = true;
-		if (!registered)
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_OBJECT),
-					 errmsg("plugin \"%s\" of dead letter %lld is not registered",
-							plugin, (long long) id),
-					 errhint("Register it with storyboard_worker.register_plugin() first.")));
-	}
-
 	sbw_dispatch(&d, &msg);
 
-	if (d.undecodable)
+	if (d.undecodable || plugin)
 	{
 		SbwOutcome *o = linitial(d.outcomes);
 
-		succeeded = false;
-		error = o->error;
-		sqlstate = o->sqlstate;
-	}
-	else if (plugin)
-	{
-		SbwOutcome *o = linitial(d.outcomes);
-
-		succeeded = o->succeeded && !o->skipped;
+		succeeded = !d.undecodable && o->succeeded && !o->skipped;
 		error = o->skipped ? psprintf("plugin \"%s\" is disabled", plugin) : o->error;
 		sqlstate = o->sqlstate;
 	}
-	else
-		succeeded = true;		/* decoded and dispatched; failures are new rows */
+	/* else: decoded and dispatched; plugin failures are new dead letters */
 
 	if (succeeded)
-		ret = SPI_execute_with_args("DELETE FROM storyboard_worker.dead_letters WHERE id = $1",
-									1, argtypes, args, NULL, false, 0);
+	{
+		Datum		args[1] = {Int64GetDatum(id)};
+
+		(void) sbw_stmt_execute(&replay_done_stmt, args, NULL, false, 0, SPI_OK_DELETE);
+	}
 	else
 	{
-		Oid			types[3] = {INT8OID, TEXTOID, TEXTOID};
 		Datum		vals[3];
 		char		nulls[3] = {' ', ' ', ' '};
 
-		vals[0] = args[0];
+		vals[0] = Int64GetDatum(id);
 		vals[1] = CStringGetTextDatum(error ? error : "unknown error");
 		vals[2] = sqlstate ? CStringGetTextDatum(sqlstate) : (Datum) 0;
 		nulls[2] = sqlstate ? ' ' : 'n';
-		ret = SPI_execute_with_args("UPDATE storyboard_worker.dead_letters"
-									" SET error = $2, sqlstate = $3,"
-									" replay_count = replay_count + 1, last_replayed_at = now()"
-									" WHERE id = $1",
-									3, types, vals, nulls, false, 0);
+		(void) sbw_stmt_execute(&replay_failed_stmt, vals, nulls, false, 0, SPI_OK_UPDATE);
 	}
-	if (ret < 0)
-		elog(ERROR, "could not update dead letter: %s", SPI_result_code_string(ret));
 	SPI_finish();
 	PG_RETURN_BOOL(succeeded);
 }

@@ -10,6 +10,8 @@
 
 #include "nodes/pg_list.h"
 
+#include "storyboard_worker.h"
+
 /* What happened to one plugin (or, plugin NULL, to the message itself). */
 typedef struct SbwOutcome
 {
@@ -37,5 +39,7 @@ typedef struct SbwDispatch
 } SbwDispatch;
 
 extern void sbw_dispatch(SbwDispatch *d, const SbwMessage *msg);
+extern void sbw_dispatch_give_up(SbwDispatch *d, const SbwMessage *msg,
+								 int failures, const char *last_error);
 
 #endif							/* SBW_DISPATCH_H */

@@ -40,6 +40,7 @@ char	   *sbw_rabbit_ssl_key_file = NULL;
 bool		sbw_rabbit_ssl_verify_peer = true;
 int			sbw_max_message_bytes = 8 * 1024 * 1024;
 int			sbw_max_retries = 5;
+int			sbw_max_redeliveries = 5;
 int			sbw_batch_size = 1;
 int			sbw_ledger_retention = 7 * 24 * 3600;
 char	   *sbw_role = NULL;
@@ -185,6 +186,12 @@ sbw_define_gucs(void)
 							NULL,
 							&sbw_max_retries, 5, 0, 100,
 							PGC_SUSET, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.max_redeliveries",
+							"Times a message may crash its consumer or fail at commit before it is dead-lettered unrun.",
+							"Counted for redelivered messages only; 0 turns the count off.",
+							&sbw_max_redeliveries, 5, 0, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("storyboard_worker.batch_size",
 							"Events committed together in one transaction (each in its own subtransaction).",

@@ -59,6 +59,7 @@ typedef struct SbwConsumer
 	TimestampTz started_at;
 	TimestampTz next_start;		/* not before this */
 	int			failures;		/* quick exits in a row */
+	bool		stopping;		/* asked to stop; handle kept until it has */
 } SbwConsumer;
 
 static SbwConsumer consumers[SBW_MAX_WORKERS];
@@ -151,7 +152,29 @@ sbw_start_consumer(int i, Oid dboid)
 		return false;
 	}
 	consumers[i].started_at = GetCurrentTimestamp();
+	consumers[i].stopping = false;
 	return true;
+}
+
+/*
+ * Ask consumer i to stop.  Its handle is kept until it has stopped: a
+ * consumer busy in a plugin may take a while, and no second process with
+ * the same worker number (and stats slot) may start meanwhile.
+ */
+static void
+sbw_stop_consumer(int i)
+{
+	SbwConsumer *c = &consumers[i];
+
+	if (c->handle && !c->stopping)
+	{
+		ereport(LOG,
+				(errmsg("storyboard_worker asks consumer %d to stop", i)));
+		TerminateBackgroundWorker(c->handle);
+		c->stopping = true;
+	}
+	c->failures = 0;
+	c->next_start = 0;
 }
 
 /* Ask every consumer to stop (database changed). */
@@ -161,16 +184,43 @@ sbw_stop_all_consumers(void)
 	int			i;
 
 	for (i = 0; i < SBW_MAX_WORKERS; i++)
+		sbw_stop_consumer(i);
+}
+
+/*
+ * Forget consumer i if it has exited.  One that stopped on its own is
+ * started again after a back-off that doubles per quick exit; one we asked
+ * to stop may be started again at once.  Returns true if it is gone.
+ */
+static bool
+sbw_reap_consumer(int i, TimestampTz now)
+{
+	SbwConsumer *c = &consumers[i];
+	pid_t		pid;
+	bool		quick;
+	long		backoff;
+
+	if (c->handle == NULL)
+		return true;
+	if (GetBackgroundWorkerPid(c->handle, &pid) != BGWH_STOPPED)
+		return false;
+	pfree(c->handle);
+	c->handle = NULL;
+	if (c->stopping)
 	{
-		if (consumers[i].handle)
-		{
-			TerminateBackgroundWorker(consumers[i].handle);
-			pfree(consumers[i].handle);
-			consumers[i].handle = NULL;
-		}
-		consumers[i].failures = 0;
-		consumers[i].next_start = 0;
+		c->stopping = false;
+		return true;
 	}
+	quick = !TimestampDifferenceExceeds(c->started_at, now, SBW_HEALTHY_MS);
+	c->failures = quick ? c->failures + 1 : 0;
+	backoff = (long) SBW_MIN_BACKOFF_MS << Min(Max(c->failures - 1, 0), 12);
+	backoff = Min(backoff, (long) sbw_rabbit_retry_delay * 1000L);
+	c->next_start = TimestampTzPlusMilliseconds(now, backoff);
+	if (i < sbw_worker_count)
+		ereport(LOG,
+				(errmsg("storyboard_worker consumer %d exited; restarting it in %ld ms",
+						i, backoff)));
+	return true;
 }
 
 /*
@@ -188,56 +238,32 @@ sbw_reconcile(Oid dboid, bool *registration_failed)
 	for (i = 0; i < SBW_MAX_WORKERS; i++)
 	{
 		SbwConsumer *c = &consumers[i];
-		pid_t		pid;
 
-		if (c->handle &&
-			GetBackgroundWorkerPid(c->handle, &pid) == BGWH_STOPPED)
+		if (!sbw_reap_consumer(i, now))
 		{
-			/* it exited: schedule a restart with back-off */
-			bool		quick = !TimestampDifferenceExceeds(c->started_at, now,
-															SBW_HEALTHY_MS);
-			long		backoff;
-
-			pfree(c->handle);
-			c->handle = NULL;
-			c->failures = quick ? c->failures + 1 : 0;
-			backoff = (long) SBW_MIN_BACKOFF_MS << Min(Max(c->failures - 1, 0), 12);
-			backoff = Min(backoff, (long) sbw_rabbit_retry_delay * 1000L);
-			c->next_start = TimestampTzPlusMilliseconds(now, backoff);
-			if (i < sbw_worker_count)
-				ereport(LOG,
-						(errmsg("storyboard_worker consumer %d exited; restarting it in %ld ms",
-								i, backoff)));
+			/* still running (or still stopping: wait for its exit) */
+			if (i >= sbw_worker_count)
+				sbw_stop_consumer(i);
+			continue;
 		}
-
 		if (i >= sbw_worker_count)
 		{
-			if (c->handle)
-			{
-				TerminateBackgroundWorker(c->handle);
-				pfree(c->handle);
-				c->handle = NULL;
-			}
 			c->failures = 0;
 			c->next_start = 0;
 			continue;
 		}
-
-		if (c->handle == NULL)
+		if (c->next_start > now)
 		{
-			if (c->next_start > now)
-			{
-				if (next == 0 || c->next_start < next)
-					next = c->next_start;
-				continue;
-			}
-			if (!sbw_start_consumer(i, dboid))
-			{
-				*registration_failed = true;
-				c->next_start = TimestampTzPlusMilliseconds(now, 5000);
-				if (next == 0 || c->next_start < next)
-					next = c->next_start;
-			}
+			if (next == 0 || c->next_start < next)
+				next = c->next_start;
+			continue;
+		}
+		if (!sbw_start_consumer(i, dboid))
+		{
+			*registration_failed = true;
+			c->next_start = TimestampTzPlusMilliseconds(now, 5000);
+			if (next == 0 || c->next_start < next)
+				next = c->next_start;
 		}
 	}
 	return next;

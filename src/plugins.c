@@ -10,15 +10,31 @@
  * cached per backend, with resolved FmgrInfos, and thrown away when:
  *	- the plugins table changes (a statement trigger sends a relcache
  *	  invalidation for it, delivered at commit to every backend);
- *	- any function or type changes (syscache callbacks on pg_proc/pg_type);
+ *	- any function or type changes (syscache callbacks on pg_proc/pg_type:
+ *	  a handler replaced, renamed, dropped or given to another owner);
+ *	- a role or the database changes (the plugin role may differ);
  *	- the extension is dropped (its table goes, which invalidates it too).
+ *
+ * A dispatch pins the set it runs with (plugins.h), so that invalidations
+ * processed while its plugins run cannot free what it is iterating.
+ *
+ * Plugin functions must be owned by the plugin role, the extension owner
+ * or a superuser: whoever owns a function can replace it, and its code then
+ * runs as the plugin role.  register_plugin() checks it, and so does every
+ * call (an ALTER FUNCTION ... OWNER TO after registration is caught).
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
 #include "access/xact.h"
+#include "catalog/indexing.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_database.h"
+#include "catalog/pg_extension.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
@@ -28,6 +44,7 @@
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -35,24 +52,31 @@
 #include "utils/syscache.h"
 #include "utils/typcache.h"
 
+#include "scope.h"
 #include "storyboard_worker.h"
+#include "plugins.h"
 
 PG_FUNCTION_INFO_V1(sbw_register_plugin);
 PG_FUNCTION_INFO_V1(sbw_unregister_plugin);
 PG_FUNCTION_INFO_V1(sbw_plugins_changed);
 
-/* The cache.  cache_cxt holds everything below; reset to reload. */
-static MemoryContext cache_cxt = NULL;
+/*
+ * The cache: the current set (NULL until loaded), whether it is still
+ * valid, and the catalog generation for name lookups elsewhere.
+ */
+static SbwPluginSet *current_set = NULL;
 static bool cache_valid = false;
 static bool callbacks_registered = false;
-static Oid	cached_ext_oid = InvalidOid;
 static Oid	cached_plugins_relid = InvalidOid;
-static Oid	cached_event_type = InvalidOid;
-static List *cached_plugins = NIL;
 static uint64 inval_count = 0;	/* bumped by every invalidation */
 static uint64 catalog_generation = 1;	/* see sbw_catalog_generation() */
 
-/* Drop the whole cache; the next sbw_plugins_get() reloads it. */
+/* The role plugins run as, resolved from storyboard_worker.role. */
+static Oid	plugin_role = InvalidOid;
+static char *plugin_role_setting = NULL;
+static bool superuser_warned = false;
+
+/* Drop the whole cache; the next sbw_plugins_pin() reloads it. */
 static void
 sbw_plugins_invalidate(void)
 {
@@ -79,7 +103,18 @@ sbw_namespace_callback(Datum arg, int cacheid, uint32 hashvalue)
 	catalog_generation++;
 }
 
-static void sbw_syscache_callback(Datum arg, int cacheid, uint32 hashvalue);
+/*
+ * Syscache callback for pg_proc and pg_type (a handler, its owner or our
+ * type changed), pg_authid and pg_database (the plugin role or the
+ * database owner changed).
+ */
+static void
+sbw_syscache_callback(Datum arg, int cacheid, uint32 hashvalue)
+{
+	sbw_plugins_invalidate();
+	if (cacheid == AUTHOID || cacheid == DATABASEOID)
+		plugin_role = InvalidOid;
+}
 
 /* Hook our invalidation callbacks, once per backend. */
 static void
@@ -90,6 +125,8 @@ sbw_register_callbacks(void)
 	CacheRegisterRelcacheCallback(sbw_relcache_callback, (Datum) 0);
 	CacheRegisterSyscacheCallback(PROCOID, sbw_syscache_callback, (Datum) 0);
 	CacheRegisterSyscacheCallback(TYPEOID, sbw_syscache_callback, (Datum) 0);
+	CacheRegisterSyscacheCallback(AUTHOID, sbw_syscache_callback, (Datum) 0);
+	CacheRegisterSyscacheCallback(DATABASEOID, sbw_syscache_callback, (Datum) 0);
 	CacheRegisterSyscacheCallback(NAMESPACEOID, sbw_namespace_callback, (Datum) 0);
 	callbacks_registered = true;
 }
@@ -106,126 +143,261 @@ sbw_catalog_generation(void)
 	return catalog_generation;
 }
 
-/* Syscache callback for pg_proc and pg_type: a handler or our type changed. */
-static void
-sbw_syscache_callback(Datum arg, int cacheid, uint32 hashvalue)
-{
-	sbw_plugins_invalidate();
-}
-
 /*
- * The OID of the type storyboard_worker.event, or InvalidOid if the
- * extension is not installed.  Cached with the registry.
+ * The role plugins run as: storyboard_worker.role, or the database owner
+ * when it is empty.  A role that does not exist is a configuration error:
+ * it aborts the transaction, so the consumer requeues the message and backs
+ * off instead of dead-lettering every event.
  */
 Oid
-sbw_event_type_oid(void)
+sbw_plugin_role(void)
 {
-	List	   *plugins;
+	const char *setting = sbw_role ? sbw_role : "";
 
-	if (!sbw_plugins_get(&plugins))
-		return InvalidOid;
-	return cached_event_type;
+	sbw_register_callbacks();
+	if (OidIsValid(plugin_role) && plugin_role_setting &&
+		strcmp(plugin_role_setting, setting) == 0)
+		return plugin_role;
+
+	if (setting[0] == '\0')
+	{
+		HeapTuple	tup = SearchSysCache1(DATABASEOID,
+										  ObjectIdGetDatum(MyDatabaseId));
+
+		if (!HeapTupleIsValid(tup))
+			elog(ERROR, "cache lookup failed for database %u", MyDatabaseId);
+		plugin_role = ((Form_pg_database) GETSTRUCT(tup))->datdba;
+		ReleaseSysCache(tup);
+	}
+	else
+	{
+		plugin_role = get_role_oid(setting, true);
+		if (!OidIsValid(plugin_role))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("role \"%s\" named in storyboard_worker.role does not exist",
+							setting),
+					 errhint("Create the role, or change storyboard_worker.role and reload.")));
+	}
+
+	if (plugin_role_setting)
+		pfree(plugin_role_setting);
+	plugin_role_setting = MemoryContextStrdup(TopMemoryContext, setting);
+
+	if (IsBackgroundWorker && !superuser_warned && superuser_arg(plugin_role))
+	{
+		superuser_warned = true;
+		ereport(WARNING,
+				(errmsg("storyboard_worker plugins run as superuser \"%s\"",
+						GetUserNameFromId(plugin_role, false)),
+				 errhint("Set storyboard_worker.role to a role that can only read and write StoryBoard's tables.")));
+	}
+	return plugin_role;
 }
 
 /*
- * Load the registry from storyboard_worker.plugins, in registration order.
- * Must run inside a transaction.  A handler that has been dropped since it
- * was registered is kept with handler = InvalidOid, so that dispatch can
- * report it as that plugin's failure instead of silently skipping it.
+ * May code owned by 'owner' run as the plugin role?  Whoever owns a
+ * function can CREATE OR REPLACE it; a function owned by any other role
+ * would let that role run SQL as the plugin role.
+ */
+bool
+sbw_owner_trusted(Oid owner, Oid role, Oid ext_owner)
+{
+	return owner == role || owner == ext_owner || superuser_arg(owner);
+}
+
+/* The owner of a function, or InvalidOid if it is gone. */
+static Oid
+sbw_func_owner(Oid fn)
+{
+	HeapTuple	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn));
+	Oid			owner;
+
+	if (!HeapTupleIsValid(tup))
+		return InvalidOid;
+	owner = ((Form_pg_proc) GETSTRUCT(tup))->proowner;
+	ReleaseSysCache(tup);
+	return owner;
+}
+
+/* Forget a set: now if nobody runs with it, else when its last pin goes. */
+static void
+sbw_plugins_retire(SbwPluginSet *set)
+{
+	if (set == NULL)
+		return;
+	set->stale = true;
+	if (set->pins == 0)
+		MemoryContextDelete(set->cxt);
+}
+
+/*
+ * Fill one plugin's entry from its registry row (SPI connected).  Its
+ * functions are looked up (fmgr_info) only when first called, inside that
+ * plugin's subtransaction: a C library that cannot be loaded is then that
+ * plugin's failure, not a failure of every event.
  */
 static void
+sbw_plugin_from_row(SbwPlugin *p, HeapTuple tup, TupleDesc desc)
+{
+	bool		isnull;
+	Datum		d;
+
+	p->name = SPI_getvalue(tup, desc, 1);
+	d = SPI_getbinval(tup, desc, 2, &isnull);
+	p->handler = isnull ? InvalidOid : DatumGetObjectId(d);
+	d = SPI_getbinval(tup, desc, 3, &isnull);
+	p->enabled = isnull ? InvalidOid : DatumGetObjectId(d);
+
+	p->handler_owner = OidIsValid(p->handler) ? sbw_func_owner(p->handler) : InvalidOid;
+	if (!OidIsValid(p->handler_owner))
+		p->handler = InvalidOid;
+	if (OidIsValid(p->enabled))
+	{
+		p->enabled_owner = sbw_func_owner(p->enabled);
+		if (!OidIsValid(p->enabled_owner))
+			p->handler = InvalidOid;	/* report it as broken */
+	}
+}
+
+/*
+ * The FmgrInfos of a plugin's functions, looked up at its first call and
+ * kept in its set's memory (with what the function caches in fn_extra).
+ */
+void
+sbw_plugin_resolve(SbwPlugin *p, MemoryContext cxt)
+{
+	if (p->resolved)
+		return;
+	fmgr_info_cxt(p->handler, &p->handler_finfo, cxt);
+	if (OidIsValid(p->enabled))
+		fmgr_info_cxt(p->enabled, &p->enabled_finfo, cxt);
+	p->resolved = true;
+}
+
+/*
+ * The owner of the extension (pg_extension has no syscache on 15: an
+ * index scan, once per load of the registry or precondition check).
+ */
+Oid
+sbw_extension_owner(Oid extoid)
+{
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	Oid			owner = InvalidOid;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber, F_OIDEQ,
+				ObjectIdGetDatum(extoid));
+	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+		owner = ((Form_pg_extension) GETSTRUCT(tup))->extowner;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return owner;
+}
+
+static SbwStmt load_stmt = SBW_STMT(
+	"SELECT name, handler, enabled FROM storyboard_worker.plugins ORDER BY position",
+	0, InvalidOid);
+
+/*
+ * Load the registry from storyboard_worker.plugins, in registration order,
+ * into a new set.  Must run inside a transaction.  A handler that has been
+ * dropped since it was registered is kept with handler = InvalidOid, so
+ * that dispatch can report it as that plugin's failure instead of silently
+ * skipping it.  Returns NULL when the extension is not installed.
+ */
+static SbwPluginSet *
 sbw_plugins_load(void)
 {
 	Oid			nspid;
+	Oid			extoid;
+	Oid			event_type;
+	SbwPluginSet *set;
+	MemoryContext cxt;
 	MemoryContext oldcxt;
-	int			ret;
 	uint64		i;
 	uint64		inval_at_start = inval_count;
 
-	sbw_register_callbacks();
-
-	if (cache_cxt == NULL)
-		cache_cxt = AllocSetContextCreate(CacheMemoryContext,
-										  "storyboard_worker plugin cache",
-										  ALLOCSET_SMALL_SIZES);
-	else
-		MemoryContextReset(cache_cxt);
-
-	cached_plugins = NIL;
 	cached_plugins_relid = InvalidOid;
-	cached_event_type = InvalidOid;
-	cache_valid = false;
-
-	cached_ext_oid = get_extension_oid(SBW_EXTENSION_NAME, true);
-	if (!OidIsValid(cached_ext_oid))
-		return;
+	extoid = get_extension_oid(SBW_EXTENSION_NAME, true);
 	nspid = get_namespace_oid(SBW_SCHEMA_NAME, true);
-	if (!OidIsValid(nspid))
-		return;
+	if (!OidIsValid(extoid) || !OidIsValid(nspid))
+		return NULL;
 	cached_plugins_relid = get_relname_relid("plugins", nspid);
-	cached_event_type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
-										CStringGetDatum("event"),
-										ObjectIdGetDatum(nspid));
-	if (!OidIsValid(cached_plugins_relid) || !OidIsValid(cached_event_type))
-		return;
+	event_type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
+								 CStringGetDatum("event"),
+								 ObjectIdGetDatum(nspid));
+	if (!OidIsValid(cached_plugins_relid) || !OidIsValid(event_type))
+		return NULL;
+
+	/*
+	 * The struct lives in its own context, so that one delete frees all.
+	 * It hangs under the transaction until the load is complete: an error
+	 * meanwhile frees it with the transaction.
+	 */
+	cxt = AllocSetContextCreate(TopTransactionContext,
+								"storyboard_worker plugin set",
+								ALLOCSET_SMALL_SIZES);
+	set = MemoryContextAllocZero(cxt, sizeof(SbwPluginSet));
+	set->cxt = cxt;
+	set->event_type = event_type;
+	set->ext_owner = sbw_extension_owner(extoid);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	ret = SPI_execute("SELECT name, handler::oid, enabled::oid"
-					  " FROM storyboard_worker.plugins ORDER BY position",
-					  true, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "could not read storyboard_worker.plugins: %s",
-			 SPI_result_code_string(ret));
-
-	oldcxt = MemoryContextSwitchTo(cache_cxt);
+	(void) sbw_stmt_execute(&load_stmt, NULL, NULL, true, 0, SPI_OK_SELECT);
+	oldcxt = MemoryContextSwitchTo(set->cxt);
 	for (i = 0; i < SPI_processed; i++)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
 		SbwPlugin  *p = palloc0(sizeof(SbwPlugin));
-		bool		isnull;
-		Datum		d;
 
-		p->name = SPI_getvalue(tup, desc, 1);
-		d = SPI_getbinval(tup, desc, 2, &isnull);
-		p->handler = isnull ? InvalidOid : DatumGetObjectId(d);
-		d = SPI_getbinval(tup, desc, 3, &isnull);
-		p->enabled = isnull ? InvalidOid : DatumGetObjectId(d);
-
-		if (OidIsValid(p->handler) &&
-			SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(p->handler)))
-			fmgr_info_cxt(p->handler, &p->handler_finfo, cache_cxt);
-		else
-			p->handler = InvalidOid;
-		if (OidIsValid(p->enabled))
-		{
-			if (SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(p->enabled)))
-				fmgr_info_cxt(p->enabled, &p->enabled_finfo, cache_cxt);
-			else
-				p->handler = InvalidOid;	/* report it as broken */
-		}
-		cached_plugins = lappend(cached_plugins, p);
+		sbw_plugin_from_row(p, SPI_tuptable->vals[i], SPI_tuptable->tupdesc);
+		set->plugins = lappend(set->plugins, p);
 	}
 	MemoryContextSwitchTo(oldcxt);
 	SPI_finish();
+	MemoryContextSetParent(cxt, CacheMemoryContext);
 	/* an invalidation that arrived while we read means: read again next time */
 	cache_valid = (inval_count == inval_at_start);
+	return set;
 }
 
 /*
- * Set *plugins to the registered plugins (a List of SbwPlugin *, in
- * registration order) and return true; return false when the extension is
- * not installed in this database.  The list belongs to the cache: do not
- * modify it, and do not keep it across transactions.
+ * The current plugin set, pinned: the caller must sbw_plugins_unpin() it
+ * (also on error: use PG_FINALLY).  NULL when the extension is not
+ * installed in this database.  Must run inside a transaction.
  */
-bool
-sbw_plugins_get(List **plugins)
+SbwPluginSet *
+sbw_plugins_pin(void)
 {
-	if (!cache_valid)
-		sbw_plugins_load();
-	*plugins = cached_plugins;
-	return OidIsValid(cached_plugins_relid) && OidIsValid(cached_event_type);
+	sbw_register_callbacks();
+	if (!cache_valid || current_set == NULL)
+	{
+		sbw_plugins_retire(current_set);
+		current_set = NULL;
+		current_set = sbw_plugins_load();
+		if (current_set == NULL)
+			return NULL;
+	}
+	current_set->pins++;
+	return current_set;
+}
+
+/* Release a pin; a set replaced meanwhile is freed with its last pin. */
+void
+sbw_plugins_unpin(SbwPluginSet *set)
+{
+	if (set == NULL)
+		return;
+	Assert(set->pins > 0);
+	set->pins--;
+	if (set->stale && set->pins == 0)
+		MemoryContextDelete(set->cxt);
 }
 
 /*
@@ -283,6 +455,68 @@ sbw_check_signature(Oid fn, Oid rettype, Oid argtype, const char *what,
 }
 
 /*
+ * Refuse a plugin function that a role other than the plugin role, the
+ * extension owner or a superuser could replace (CREATE OR REPLACE needs
+ * only ownership): that role could then run any SQL as the plugin role.
+ */
+static void
+sbw_check_replaceable_by(Oid fn, Oid role, Oid ext_owner, const char *plugin)
+{
+	Oid			owner = sbw_func_owner(fn);
+
+	if (!sbw_owner_trusted(owner, role, ext_owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("function %s of plugin \"%s\" is owned by role \"%s\", which is not trusted to run code as the plugin role",
+						format_procedure(fn), plugin,
+						GetUserNameFromId(owner, false)),
+				 errdetail("Its owner can replace the function, and plugins run as role \"%s\".",
+						   GetUserNameFromId(role, false)),
+				 errhint("Make the plugin role, the extension owner or a superuser its owner: ALTER FUNCTION %s OWNER TO %s;",
+						 format_procedure(fn),
+						 quote_identifier(GetUserNameFromId(role, false)))));
+}
+
+static SbwStmt register_stmt = SBW_STMT(
+	"INSERT INTO storyboard_worker.plugins (name, handler, enabled)"
+	" VALUES ($1, $2, $3)"
+	" ON CONFLICT (name) DO UPDATE"
+	" SET handler = EXCLUDED.handler, enabled = EXCLUDED.enabled,"
+	" registered_at = pg_catalog.now(), registered_by = CURRENT_USER",
+	3, TEXTOID, REGPROCEDUREOID, REGPROCEDUREOID);
+
+/*
+ * Check a registration: signatures, and who could replace the functions.
+ * Raises with a hint on how to fix it.
+ */
+static void
+sbw_check_registration(const char *name, Oid handler, Oid enabled)
+{
+	SbwPluginSet *set = sbw_plugins_pin();
+	Oid			event_type;
+	Oid			ext_owner;
+	Oid			role;
+
+	if (set == NULL)
+		elog(ERROR, "type storyboard_worker.event does not exist");
+	event_type = set->event_type;
+	ext_owner = set->ext_owner;
+	sbw_plugins_unpin(set);
+
+	sbw_check_signature(handler, VOIDOID, event_type, "a plugin handler",
+						"A handler takes one argument of type storyboard_worker.event and returns void.",
+						"Declare it as CREATE FUNCTION %s(event storyboard_worker.event) RETURNS void.");
+	if (OidIsValid(enabled))
+		sbw_check_signature(enabled, BOOLOID, InvalidOid, "a plugin's enabled test",
+							"An enabled test takes no arguments and returns boolean.",
+							"Declare it as CREATE FUNCTION %s() RETURNS boolean.");
+	role = sbw_plugin_role();
+	sbw_check_replaceable_by(handler, role, ext_owner, name);
+	if (OidIsValid(enabled))
+		sbw_check_replaceable_by(enabled, role, ext_owner, name);
+}
+
+/*
  * SQL: register_plugin(name, handler, enabled DEFAULT NULL).  Registering
  * an existing name replaces its functions but keeps its place in the
  * running order.
@@ -290,14 +524,10 @@ sbw_check_signature(Oid fn, Oid rettype, Oid argtype, const char *what,
 Datum
 sbw_register_plugin(PG_FUNCTION_ARGS)
 {
-	text	   *name;
 	Oid			handler;
 	Oid			enabled = InvalidOid;
-	Oid			event_type;
-	Oid			argtypes[3] = {TEXTOID, REGPROCEDUREOID, REGPROCEDUREOID};
 	Datum		values[3];
 	char		nulls[3] = {' ', ' ', ' '};
-	int			ret;
 
 	if (PG_ARGISNULL(0) || VARSIZE_ANY_EXHDR(PG_GETARG_TEXT_PP(0)) == 0)
 		ereport(ERROR,
@@ -309,23 +539,12 @@ sbw_register_plugin(PG_FUNCTION_ARGS)
 				 errmsg("plugin handler must not be null")));
 	sbw_check_owner("register storyboard_worker plugins");
 
-	name = PG_GETARG_TEXT_PP(0);
 	handler = PG_GETARG_OID(1);
 	if (!PG_ARGISNULL(2))
 		enabled = PG_GETARG_OID(2);
+	sbw_check_registration(text_to_cstring(PG_GETARG_TEXT_PP(0)), handler, enabled);
 
-	event_type = sbw_event_type_oid();
-	if (!OidIsValid(event_type))
-		elog(ERROR, "type storyboard_worker.event does not exist");
-	sbw_check_signature(handler, VOIDOID, event_type, "a plugin handler",
-						"A handler takes one argument of type storyboard_worker.event and returns void.",
-						"Declare it as CREATE FUNCTION %s(event storyboard_worker.event) RETURNS void.");
-	if (OidIsValid(enabled))
-		sbw_check_signature(enabled, BOOLOID, InvalidOid, "a plugin's enabled test",
-							"An enabled test takes no arguments and returns boolean.",
-							"Declare it as CREATE FUNCTION %s() RETURNS boolean.");
-
-	values[0] = PointerGetDatum(name);
+	values[0] = PointerGetDatum(PG_GETARG_TEXT_PP(0));
 	values[1] = ObjectIdGetDatum(handler);
 	values[2] = ObjectIdGetDatum(enabled);
 	if (!OidIsValid(enabled))
@@ -333,35 +552,27 @@ sbw_register_plugin(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	ret = SPI_execute_with_args("INSERT INTO storyboard_worker.plugins (name, handler, enabled)"
-								" VALUES ($1, $2, $3)"
-								" ON CONFLICT (name) DO UPDATE"
-								" SET handler = EXCLUDED.handler, enabled = EXCLUDED.enabled,"
-								" registered_at = now(), registered_by = current_user",
-								3, argtypes, values, nulls, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "could not register plugin: %s", SPI_result_code_string(ret));
+	(void) sbw_stmt_execute(&register_stmt, values, nulls, false, 0, SPI_OK_INSERT);
 	SPI_finish();
 	PG_RETURN_VOID();
 }
+
+static SbwStmt unregister_stmt = SBW_STMT(
+	"DELETE FROM storyboard_worker.plugins WHERE name OPERATOR(pg_catalog.=) $1",
+	1, TEXTOID);
 
 /* SQL: unregister_plugin(name) -> whether it was registered. */
 Datum
 sbw_unregister_plugin(PG_FUNCTION_ARGS)
 {
-	Oid			argtypes[1] = {TEXTOID};
 	Datum		values[1];
-	int			ret;
 	bool		found;
 
 	sbw_check_owner("unregister storyboard_worker plugins");
 	values[0] = PointerGetDatum(PG_GETARG_TEXT_PP(0));
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	ret = SPI_execute_with_args("DELETE FROM storyboard_worker.plugins WHERE name = $1",
-								1, argtypes, values, NULL, false, 0);
-	if (ret != SPI_OK_DELETE)
-		elog(ERROR, "could not unregister plugin: %s", SPI_result_code_string(ret));
+	(void) sbw_stmt_execute(&unregister_stmt, values, NULL, false, 0, SPI_OK_DELETE);
 	found = SPI_processed > 0;
 	SPI_finish();
 	if (!found)

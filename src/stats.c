@@ -25,6 +25,7 @@
 #include "utils/timestamp.h"
 
 #include "storyboard_worker.h"
+#include "util.h"
 
 SbwShared  *sbw_shared = NULL;
 
@@ -135,10 +136,14 @@ sbw_slot_count(uint64 received, uint64 processed, uint64 dead_lettered,
 void
 sbw_slot_error(const char *msg)
 {
+	char		clipped[sizeof(my_slot->last_error)];
+
 	if (my_slot == NULL)
 		return;
+	/* cut at a character boundary: readers decode it as text */
+	sbw_strlcpy_mb(clipped, msg ? msg : "", sizeof(clipped));
 	SpinLockAcquire(&my_slot->mutex);
-	strlcpy(my_slot->last_error, msg ? msg : "", sizeof(my_slot->last_error));
+	memcpy(my_slot->last_error, clipped, sizeof(clipped));
 	my_slot->last_error_at = GetCurrentTimestamp();
 	SpinLockRelease(&my_slot->mutex);
 }

@@ -15,6 +15,7 @@
 #include "storage/ipc.h"
 #include "storage/shmem.h"
 
+#include "scope.h"
 #include "storyboard_worker.h"
 
 PG_MODULE_MAGIC;
@@ -57,6 +58,7 @@ _PG_init(void)
 		return;
 
 	sbw_define_gucs();
+	sbw_scope_init();
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;

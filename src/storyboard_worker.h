@@ -36,6 +36,12 @@
  */
 #define ERRCODE_SBW_RETRY_LATER	MAKE_SQLSTATE('S','B','0','0','1')
 
+/*
+ * SQLSTATE of a message given up on without running its plugins: it
+ * crashed its consumer or failed at COMMIT max_redeliveries times.
+ */
+#define ERRCODE_SBW_POISON		MAKE_SQLSTATE('S','B','0','0','2')
+
 /* ---- guc.c ---- */
 extern bool sbw_enable_notifications;
 extern char *sbw_database;
@@ -58,6 +64,7 @@ extern char *sbw_rabbit_ssl_key_file;
 extern bool sbw_rabbit_ssl_verify_peer;
 extern int	sbw_max_message_bytes;
 extern int	sbw_max_retries;
+extern int	sbw_max_redeliveries;
 extern int	sbw_batch_size;
 extern int	sbw_ledger_retention;
 extern char *sbw_role;
@@ -116,40 +123,22 @@ extern void sbw_register_launcher(void);
 PGDLLEXPORT void sbw_launcher_main(Datum main_arg);
 PGDLLEXPORT void sbw_consumer_main(Datum main_arg);
 
-/* ---- plugins.c ---- */
-typedef struct SbwPlugin
-{
-	char	   *name;
-	Oid			handler;
-	Oid			enabled;		/* InvalidOid = always enabled */
-	FmgrInfo	handler_finfo;
-	FmgrInfo	enabled_finfo;
-} SbwPlugin;
-
-/* The registry, cached; false if the extension is not installed here. */
-extern bool sbw_plugins_get(List **plugins);
-extern Oid	sbw_event_type_oid(void);
-extern void sbw_check_owner(const char *what);
-extern uint64 sbw_catalog_generation(void);
-
 /* ---- dispatch.c ---- */
-/* Message metadata carried next to the body. */
+/*
+ * A message: its body and the delivery's metadata.  routing_key and
+ * message_id are text that PostgreSQL can store (sbw_storable_text);
+ * message_id_raw holds the id's bytes as sent, for the ledger key.
+ */
 typedef struct SbwMessage
 {
 	const char *routing_key;
-	const char *message_id;
+	const char *message_id;		/* NULL when the publisher set none */
+	const char *message_id_raw;
+	size_t		message_id_len;
 	bool		redelivered;
 	const char *body;
-	size_t		body_len;
+	size_t		body_len;		/* bytes held in body */
+	size_t		body_declared_len;	/* bytes sent: more when cut short */
 } SbwMessage;
-
-/* ---- ledger.c ---- */
-struct _SPI_plan;
-extern struct _SPI_plan *sbw_keep_plan(struct _SPI_plan **cache, const char *sql,
-									   int nargs, Oid *types);
-extern bool sbw_ledger_available(void);
-extern bytea *sbw_ledger_key(const SbwMessage *msg);
-extern bool sbw_ledger_claim(bytea *key);
-extern uint64 sbw_ledger_prune(int retention_s);
 
 #endif							/* STORYBOARD_WORKER_H */

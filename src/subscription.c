@@ -55,6 +55,7 @@
 #include "postgres.h"
 
 #include "catalog/namespace.h"
+#include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
@@ -68,6 +69,8 @@
 #include "utils/memutils.h"
 #include "utils/numeric.h"
 
+#include "namecache.h"
+#include "scope.h"
 #include "storyboard_worker.h"
 
 PG_FUNCTION_INFO_V1(sbw_subscription_handler);
@@ -110,8 +113,8 @@ typedef struct SbwSubPlan
 	SPIPlanPtr	plan;
 	Oid			relids[SBW_SUB_MAX_TABLES];
 	const char *created_at;		/* sbw_created_at_expr() when prepared */
-	uint64		generation;		/* sbw_catalog_generation() at lookup */
-	OverrideSearchPath *path;	/* search_path at lookup */
+	SbwNameCache names;			/* when to look the tables up again */
+	char	   *exec_path;		/* search_path the plan runs under */
 } SbwSubPlan;
 
 /*
@@ -208,6 +211,8 @@ static char *sbw_build_timeline_sql(void);
 static char *sbw_build_comment_sql(void);
 static char *sbw_build_project_group_sql(void);
 static char *sbw_build_deletion_sql(void);
+static void sbw_prepare(SbwSubPlan *sp, const Oid *relids, int n, char *path);
+static char *sbw_exec_path(const Oid *relids, int n);
 
 static SbwSubPlan sbw_timeline_plan = {
 	"timeline_event", sbw_timeline_tables, sbw_build_timeline_sql,
@@ -451,15 +456,15 @@ sbw_build_deletion_sql(void)
 static SPIPlanPtr
 sbw_get_plan(SbwSubPlan *sp)
 {
-	uint64		generation = sbw_catalog_generation();
 	Oid			relids[SBW_SUB_MAX_TABLES];
 	bool		same;
+	char	   *path;
 	int			i;
 
-	if (sp->plan != NULL && sp->generation == generation &&
-		sp->path != NULL && OverrideSearchPathMatchesCurrent(sp->path))
+	if (sp->plan != NULL && !sbw_name_cache_stale(&sp->names))
 		return sp->plan;
 
+	sbw_name_cache_refresh(&sp->names);
 	same = (sp->plan != NULL);
 	for (i = 0; sp->tables[i] != NULL; i++)
 	{
@@ -482,46 +487,88 @@ sbw_get_plan(SbwSubPlan *sp)
 	/* The INSERTs' text depends on the type of created_at, too. */
 	if (sbw_created_at_expr() != sp->created_at)
 		same = false;
+	/* and the plan's own search_path on the tables' schemas (SET SCHEMA) */
+	path = sbw_exec_path(relids, i);
+	if (sp->exec_path == NULL || strcmp(path, sp->exec_path) != 0)
+		same = false;
 
 	if (!same)
-	{
-		char	   *sql;
-		SPIPlanPtr	plan;
-
-		if (sp->plan != NULL)
-		{
-			SPI_freeplan(sp->plan);
-			sp->plan = NULL;
-		}
-		sql = sp->build_sql();
-
-		/*
-		 * A generic plan from the start: the statements are selective on
-		 * every parameter value, and the plancache's five custom plans
-		 * before it settles cost 10-20 ms each on a real dataset.
-		 */
-		plan = SPI_prepare_cursor(sql, sp->nargs, sp->argtypes,
-								  CURSOR_OPT_GENERIC_PLAN);
-		if (plan == NULL)
-			elog(ERROR, "could not prepare the subscription plugin's %s statement: %s",
-				 sp->name, SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "could not keep the subscription plugin's %s statement",
-				 sp->name);
-		sp->plan = plan;
-		memcpy(sp->relids, relids, sizeof(Oid) * i);
-		sp->created_at = sbw_created_at_expr();
-		pfree(sql);
-	}
-
-	if (sp->path != NULL)
-	{
-		list_free(sp->path->schemas);
-		pfree(sp->path);
-	}
-	sp->path = GetOverrideSearchPath(TopMemoryContext);
-	sp->generation = generation;
+		sbw_prepare(sp, relids, i, path);
+	else
+		pfree(path);
 	return sp->plan;
+}
+
+/*
+ * The search_path a plan runs under: pg_catalog first, then only the
+ * schemas that hold its tables, in the order the database's path found
+ * them, then pg_temp.  The tables resolve exactly as they did, and no
+ * function or operator is looked up in a schema that holds none of them:
+ * an object planted in another schema of the database's path (say, public
+ * before pg_catalog) never runs as the plugin role.
+ */
+static char *
+sbw_exec_path(const Oid *relids, int n)
+{
+	StringInfoData buf;
+	List	   *seen = NIL;
+	int			i;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "pg_catalog");
+	for (i = 0; i < n; i++)
+	{
+		Oid			nsp = get_rel_namespace(relids[i]);
+
+		if (list_member_oid(seen, nsp) || nsp == PG_CATALOG_NAMESPACE)
+			continue;
+		seen = lappend_oid(seen, nsp);
+		appendStringInfo(&buf, ", %s", quote_identifier(get_namespace_name(nsp)));
+	}
+	appendStringInfoString(&buf, ", pg_temp");
+	list_free(seen);
+	return MemoryContextStrdup(TopMemoryContext, buf.data);
+}
+
+/*
+ * Prepare (again) a plan for the tables found, under its own search_path.
+ */
+static void
+sbw_prepare(SbwSubPlan *sp, const Oid *relids, int n, char *path)
+{
+	char	   *sql;
+	SPIPlanPtr	plan;
+	int			nestlevel;
+
+	if (sp->plan != NULL)
+	{
+		SPI_freeplan(sp->plan);
+		sp->plan = NULL;
+	}
+	if (sp->exec_path)
+		pfree(sp->exec_path);
+	sp->exec_path = path;
+	sql = sp->build_sql();
+
+	/*
+	 * A generic plan from the start: the statements are selective on every
+	 * parameter value, and the plancache's five custom plans before it
+	 * settles cost 10-20 ms each on a real dataset.
+	 */
+	nestlevel = sbw_search_path_begin(sp->exec_path);
+	plan = SPI_prepare_cursor(sql, sp->nargs, sp->argtypes,
+							  CURSOR_OPT_GENERIC_PLAN);
+	sbw_search_path_end(nestlevel);
+	if (plan == NULL)
+		elog(ERROR, "could not prepare the subscription plugin's %s statement: %s",
+			 sp->name, SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "could not keep the subscription plugin's %s statement",
+			 sp->name);
+	sp->plan = plan;
+	memcpy(sp->relids, relids, sizeof(Oid) * n);
+	sp->created_at = sbw_created_at_expr();
+	pfree(sql);
 }
 
 /* Run a kept plan; NULL values come from the nulls array (' ' or 'n'). */
@@ -529,9 +576,11 @@ static void
 sbw_execute(SbwSubPlan *sp, Datum *values, const char *nulls, int expected)
 {
 	SPIPlanPtr	plan = sbw_get_plan(sp);
+	int			nestlevel = sbw_search_path_begin(sp->exec_path);
 	int			rc;
 
 	rc = SPI_execute_plan(plan, values, nulls, false, 0);
+	sbw_search_path_end(nestlevel);
 	if (rc != expected)
 		elog(ERROR, "subscription plugin's %s statement failed: %s",
 			 sp->name, SPI_result_code_string(rc));

@@ -2,7 +2,7 @@
 # test/run_tests.sh: the whole test suite (`make test`), as root on Debian 12.
 #
 #   1. apt-get update + install the build and test packages (SKIP_APT=1 skips)
-#   2. make && make install (and examples/my_worker_plugin if present)
+#   2. make && make install (and examples/my_worker_plugin, test/plugins)
 #   3. start RabbitMQ and a throw-away PostgreSQL 15 preloading storyboard_worker
 #   4. make installcheck (pg_regress, as root over the temp socket)
 #   5. make -C test/unit check (if test/unit exists)
@@ -84,6 +84,13 @@ if [ -f examples/my_worker_plugin/Makefile ]; then
 		tail -40 "$SVC_DIR/build-example.log"
 		record "build my_worker_plugin" 0 1
 	fi
+fi
+
+# the misbehaving C plugins of the poison-message tests (test/plugins)
+if ! { make -C test/plugins PG_CONFIG="$PG_CONFIG" &&
+	make -C test/plugins install PG_CONFIG="$PG_CONFIG"; } >"$SVC_DIR/build-test-plugins.log" 2>&1; then
+	tail -40 "$SVC_DIR/build-test-plugins.log"
+	record "build test plugins" 0 1
 fi
 
 note "start PostgreSQL + RabbitMQ"

@@ -294,9 +294,9 @@ BEGIN
 	INSERT INTO sbw_g.applied (plugin, key, redelivered) VALUES ('flaky', e.query_string, e.redelivered);
 END $$;
 
--- 'gated': its row is checked by a deferred constraint trigger, i.e. at
--- COMMIT, outside any plugin subtransaction: while control.commit_fail =
--- 'on' the consumer's COMMIT itself fails.
+-- 'gated': its row is checked by a deferred constraint trigger: when the
+-- plugin returns, in its subtransaction (the consumer fires its deferred
+-- constraints there); while control.commit_fail = 'on' the check refuses.
 CREATE SEQUENCE IF NOT EXISTS sbw_g.commit_attempts;
 CREATE TABLE IF NOT EXISTS sbw_g.gate (key text);
 CREATE OR REPLACE FUNCTION sbw_g.gate_check() RETURNS trigger

@@ -253,11 +253,19 @@ class Cluster:
                 with c.cursor(cursor_factory=factory) as cur:
                     cur.execute(sql, args)
                     return cur.fetchall() if cur.description else []
-            except (psycopg2.OperationalError, psycopg2.InterfaceError):
-                # a server restart killed the cached connection: retry once on a new one
-                if attempt == 2 or not c.closed:
+            except psycopg2.Error as e:
+                # a server restart (or a crash restart) killed the cached
+                # connection ("server closed the connection unexpectedly"
+                # comes as a bare DatabaseError): retry once on a new one
+                lost = c.closed or type(e) in (psycopg2.DatabaseError, psycopg2.OperationalError,
+                                               psycopg2.InterfaceError)
+                if not lost:
                     raise
                 self._conns.pop(db, None)
+                with contextlib.suppress(Exception):
+                    c.close()
+                if attempt == 2:
+                    raise psycopg2.OperationalError(str(e))
 
     def one(self, sql, args=None, db=DB):
         rows = self.q(sql, args, db)
