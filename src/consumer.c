@@ -206,6 +206,25 @@ sbw_backoff(void)
 }
 
 /*
+ * Are the extension's SQL objects the version this library is built for?
+ * If not, say which ALTER EXTENSION is due (waiting_for, logged once).
+ */
+static bool
+sbw_version_matches(Oid extoid)
+{
+	static char waiting[160];
+	char	   *version = sbw_extension_version(extoid);
+
+	if (version != NULL && strcmp(version, SBW_EXTENSION_VERSION) == 0)
+		return true;
+	snprintf(waiting, sizeof(waiting),
+			 "ALTER EXTENSION storyboard_worker UPDATE (its SQL objects are version %s, the library is %s)",
+			 version ? version : "unknown", SBW_EXTENSION_VERSION);
+	cs.waiting_for = waiting;
+	return false;
+}
+
+/*
  * May we consume?  Not in recovery (a standby keeps its consumers idle
  * until promotion) and only where the extension is installed.  A short
  * read-only transaction; run on idle wake-ups, not per event (per event,
@@ -238,6 +257,8 @@ sbw_ready_to_consume(void)
 			"(the workers write its tables with superuser rights)";
 		ready = false;
 	}
+	else if (!sbw_version_matches(cs.tables.extension))
+		ready = false;
 	CommitTransactionCommand();
 	pgstat_report_stat(false);
 	return ready;

@@ -276,17 +276,17 @@ sbw_plugin_resolve(SbwPlugin *p, MemoryContext cxt)
 }
 
 /*
- * The owner of the extension (pg_extension has no syscache on 15: an
- * index scan, once per load of the registry or precondition check).
+ * The pg_extension row of the extension, copied (pg_extension has no
+ * syscache on 15: an index scan, once per load of the registry or
+ * precondition check); NULL if it is gone.
  */
-Oid
-sbw_extension_owner(Oid extoid)
+static HeapTuple
+sbw_extension_tuple(Oid extoid, TupleDesc *desc)
 {
 	Relation	rel;
 	ScanKeyData key;
 	SysScanDesc scan;
 	HeapTuple	tup;
-	Oid			owner = InvalidOid;
 
 	rel = table_open(ExtensionRelationId, AccessShareLock);
 	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber, F_OIDEQ,
@@ -294,10 +294,39 @@ sbw_extension_owner(Oid extoid)
 	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
 	tup = systable_getnext(scan);
 	if (HeapTupleIsValid(tup))
-		owner = ((Form_pg_extension) GETSTRUCT(tup))->extowner;
+		tup = heap_copytuple(tup);
+	*desc = RelationGetDescr(rel);
 	systable_endscan(scan);
 	table_close(rel, AccessShareLock);
-	return owner;
+	return tup;
+}
+
+/* See plugins.h. */
+Oid
+sbw_extension_owner(Oid extoid)
+{
+	TupleDesc	desc;
+	HeapTuple	tup = sbw_extension_tuple(extoid, &desc);
+
+	return HeapTupleIsValid(tup) ? ((Form_pg_extension) GETSTRUCT(tup))->extowner : InvalidOid;
+}
+
+/*
+ * The version of the extension's SQL objects (pg_extension.extversion),
+ * palloc'd; NULL if it is gone.
+ */
+char *
+sbw_extension_version(Oid extoid)
+{
+	TupleDesc	desc;
+	HeapTuple	tup = sbw_extension_tuple(extoid, &desc);
+	bool		isnull;
+	Datum		d;
+
+	if (!HeapTupleIsValid(tup))
+		return NULL;
+	d = heap_getattr(tup, Anum_pg_extension_extversion, desc, &isnull);
+	return isnull ? NULL : TextDatumGetCString(d);
 }
 
 static SbwStmt load_stmt = SBW_STMT(

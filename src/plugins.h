@@ -49,6 +49,9 @@ extern void sbw_plugin_resolve(SbwPlugin *p, MemoryContext cxt);
  */
 extern Oid	sbw_extension_owner(Oid extoid);
 
+/* The version of its SQL objects (pg_extension.extversion), or NULL. */
+extern char *sbw_extension_version(Oid extoid);
+
 /* The current set, pinned; NULL when the extension is not installed here. */
 extern SbwPluginSet *sbw_plugins_pin(void);
 extern void sbw_plugins_unpin(SbwPluginSet *set);

@@ -31,6 +31,13 @@
 #define SBW_MAX_WORKERS		64
 
 /*
+ * The version of the SQL objects this library is built for: the consumers
+ * stay idle until ALTER EXTENSION storyboard_worker UPDATE brings an older
+ * install to it (they need its tables: the redelivery count, the ledger).
+ */
+#define SBW_EXTENSION_VERSION	"1.2"
+
+/*
  * SQLSTATE a plugin raises to ask for a retry later ("not yet"), e.g. when
  * the API transaction that published the event has not committed yet.
  */

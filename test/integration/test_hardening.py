@@ -141,11 +141,17 @@ def test_message_ids_kept_whole_and_valid(cluster, services, metrics):
 
 
 def test_last_error_cut_at_a_character_boundary(cluster, services, metrics):
-    user = "ü" * 150           # 300 bytes: the refusal text is longer than the slot
+    # the refusal text, 'login to 127.0.0.1:PORT as "üü...', is longer than the
+    # 255 bytes of the slot; one ASCII byte of padding if needed puts the cut
+    # in the middle of a 2-byte character
+    prefix = 'login to 127.0.0.1:%d as "' % services.amqp_port
+    pad = "a" if (255 - len(prefix)) % 2 == 0 else ""
+    user = pad + "ü" * 150
     cluster.set_gucs(rabbit_userid=user)
     try:
         st = wait_for(lambda: (s := cluster.stats()) and all(x["last_error"] and user[:20] in x["last_error"]
                                                             for x in s) and s, 30, "refused logins")
+        assert all(s["last_error"].startswith(prefix) for s in st), st
         errs = [s["last_error"] for s in st]     # psycopg2 decodes them: invalid UTF-8 would raise
         metrics.add("last_error", "%d-byte error texts stored in %s bytes, valid UTF-8"
                     % (len(("login as " + user).encode()), sorted({len(e.encode()) for e in errs})))

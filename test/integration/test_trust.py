@@ -373,3 +373,32 @@ def test_consumers_refuse_an_extension_owner_who_is_not_a_superuser(cluster, ser
         cluster.wait_consuming(timeout=60)
         cluster.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % db, db="postgres")
         cluster.execute('DROP ROLE IF EXISTS "%s"' % owner, db="postgres")
+
+
+def test_consumers_wait_for_the_sql_objects_to_be_updated(cluster, services, pglog, metrics):
+    """The library updated, the SQL objects still 1.1 (no redelivery count):
+    the consumers stay idle, naming the ALTER EXTENSION to run, instead of
+    running without poison-message protection; the update wakes them."""
+    db = "sbw_t_olddb"
+    cluster.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % db, db="postgres")
+    cluster.execute('CREATE DATABASE "%s"' % db, db="postgres")
+    cluster.execute("CREATE EXTENSION storyboard_worker VERSION '1.1'", db=db)
+    mark = pglog.mark()
+    try:
+        cluster.set_gucs(database=db)
+        line = wait_for(lambda: pglog.grep(mark, "waiting for ALTER EXTENSION storyboard_worker UPDATE"),
+                        30, "the consumers waiting for the update")
+        assert "its SQL objects are version 1.1, the library is 1.2" in line[0], line
+        time.sleep(1)
+        states = [s["state"] for s in cluster.q("SELECT * FROM storyboard_worker.stats WHERE pid <> 0",
+                                                 db=db, dicts=True)]
+        assert states and all(st == "idle" for st in states), states
+        cluster.execute("ALTER EXTENSION storyboard_worker UPDATE", db=db)
+        cluster.execute("SELECT storyboard_worker.wake_workers()", db=db)
+        cluster.wait_consuming(db=db, timeout=30)
+        metrics.add("SQL objects older than the library", "consumers idle (%s) until ALTER EXTENSION ... UPDATE, "
+                    "then consuming; log: %s" % (states, line[0].split(": ", 1)[-1][:140]))
+    finally:
+        cluster.restore_gucs()
+        cluster.wait_consuming(timeout=60)
+        cluster.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % db, db="postgres")

@@ -18,6 +18,7 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/timestamp.h"
 
 PG_MODULE_MAGIC;
 
@@ -83,7 +84,10 @@ sbw_test_fail_at_commit(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/* Sleep with interrupts held: SIGTERM is served only afterwards. */
+/*
+ * Sleep with interrupts held: SIGTERM is served only afterwards.  A signal
+ * cuts pg_usleep short, so sleep on until the time is really up.
+ */
 Datum
 sbw_test_deaf(PG_FUNCTION_ARGS)
 {
@@ -94,9 +98,12 @@ sbw_test_deaf(PG_FUNCTION_ARGS)
 	{
 		long		ms = strtol(p + 5, NULL, 10);
 
+		TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ms);
+
 		elog(LOG, "sbw_test_plugins: deaf for %ld ms", ms);
 		HOLD_INTERRUPTS();
-		pg_usleep(ms * 1000L);
+		while (GetCurrentTimestamp() < until)
+			pg_usleep(10000L);
 		RESUME_INTERRUPTS();
 	}
 	PG_RETURN_VOID();
