@@ -915,14 +915,13 @@ sbw_drain(void)
 		if (!sbw_handle(batch, n, alone))
 			closed = true;
 		total += n;
+		/* err lives in batch_cxt, like the deliveries: report it first */
+		if (closed && err)
+			sbw_note_error(LOG, err);
 		if (!has_held)
 			MemoryContextReset(cs.batch_cxt);
 		if (closed)
-		{
-			if (err)
-				sbw_note_error(LOG, err);
 			return -1;
-		}
 		if (n < batch_size && !alone && !has_held)
 		{
 			/*
