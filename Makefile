@@ -5,6 +5,7 @@ OBJS = \
 	src/guc.o \
 	src/launcher.o \
 	src/consumer.o \
+	src/acks.o \
 	src/amqp_link.o \
 	src/event_decode.o \
 	src/dispatch.o \

@@ -225,7 +225,7 @@ SELECT count(*) AS password_rows FROM pg_settings WHERE name = 'storyboard_worke
 RESET ROLE;
 SELECT count(*) AS password_rows_superuser FROM pg_settings WHERE name = 'storyboard_worker.rabbit_password';
 -- Even a granted EXECUTE does not let a non-owner manage plugins.
-GRANT EXECUTE ON FUNCTION storyboard_worker.register_plugin(text, regprocedure, regprocedure) TO regress_sbw_user;
+GRANT EXECUTE ON FUNCTION storyboard_worker.register_plugin(text, regprocedure, regprocedure, boolean) TO regress_sbw_user;
 SET ROLE regress_sbw_user;
 SELECT storyboard_worker.register_plugin('evil', 'record_a(storyboard_worker.event)');
 RESET ROLE;

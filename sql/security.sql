@@ -358,7 +358,7 @@ RESET SESSION AUTHORIZATION;
 -- 7. Only the extension owner (or a superuser) manages plugins, even with
 --    EXECUTE granted; everyone else gets 42501.
 --
-GRANT EXECUTE ON FUNCTION storyboard_worker.register_plugin(text, regprocedure, regprocedure) TO regress_sbw_app;
+GRANT EXECUTE ON FUNCTION storyboard_worker.register_plugin(text, regprocedure, regprocedure, boolean) TO regress_sbw_app;
 SET ROLE regress_sbw_app;
 SELECT storyboard_worker.register_plugin('app', 'plug.record(storyboard_worker.event)');
 SELECT count(*) FROM storyboard_worker.dead_letters;

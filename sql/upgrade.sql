@@ -1,7 +1,7 @@
--- Upgrade paths: an installed 1.0 or 1.1 updated with ALTER EXTENSION ...
--- UPDATE keeps its registrations and dead letters and ends with the same
--- objects, privileges and function definitions as CREATE EXTENSION of the
--- default version (1.2).
+-- Upgrade paths: an installed 1.0, 1.1 or 1.2 updated with ALTER EXTENSION
+-- ... UPDATE keeps its registrations, dead letters and ledger and ends with
+-- the same objects, privileges and function definitions as CREATE EXTENSION
+-- of the default version (1.3).
 SET client_min_messages = warning;
 CREATE EXTENSION storyboard_worker VERSION '1.0';
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
@@ -20,9 +20,22 @@ CREATE TEMP TABLE objects_11_upgraded AS
   SELECT pg_describe_object(classid, objid, objsubid) AS object
     FROM pg_depend WHERE refclassid = 'pg_extension'::regclass
      AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker');
+ALTER EXTENSION storyboard_worker UPDATE TO '1.2';
+CREATE TEMP TABLE objects_12_upgraded AS
+  SELECT pg_describe_object(classid, objid, objsubid) AS object
+    FROM pg_depend WHERE refclassid = 'pg_extension'::regclass
+     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker');
+-- ledger keys of 1.2 (a message_id key and a digest key) convert to the
+-- 16-byte keys the 1.3 library computes for the same messages
+INSERT INTO storyboard_worker.ledger (message_key) VALUES
+  ('m:' || convert_to('id-42', 'UTF8')),
+  ('d:'::bytea || sha256(convert_to('task', 'UTF8') || '\x00'::bytea || convert_to('{"a": 1}', 'UTF8')));
 ALTER EXTENSION storyboard_worker UPDATE;
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
-SELECT name FROM storyboard_worker.plugins ORDER BY position;
+SELECT message_key FROM storyboard_worker.ledger ORDER BY 1;
+SELECT encode(substring(sha256(convert_to('m:id-42', 'UTF8')), 1, 16), 'hex')::uuid AS message_id_key,
+       encode(substring(sha256(convert_to('task', 'UTF8') || '\x00'::bytea || convert_to('{"a": 1}', 'UTF8')), 1, 16), 'hex')::uuid AS digest_key;
+SELECT name, reads_author FROM storyboard_worker.plugins ORDER BY position;
 SELECT count(*) AS dead_letters_kept FROM storyboard_worker.dead_letters;
 SELECT attname FROM pg_attribute WHERE attrelid = 'storyboard_worker.stats'::regclass AND attnum > 0
  ORDER BY attnum;
@@ -51,7 +64,12 @@ ORDER BY 1, 2;
 -- what 1.1 added
 SELECT object FROM objects_11_upgraded EXCEPT SELECT object FROM objects_10_upgraded ORDER BY 1;
 -- what 1.2 added
-SELECT object FROM objects_fresh EXCEPT SELECT object FROM objects_11_upgraded ORDER BY 1;
+SELECT object FROM objects_12_upgraded EXCEPT SELECT object FROM objects_11_upgraded ORDER BY 1;
+-- what 1.3 added or replaced
+(SELECT 'added' AS change, object FROM objects_fresh EXCEPT SELECT 'added', object FROM objects_12_upgraded)
+UNION ALL
+(SELECT 'gone', object FROM objects_12_upgraded EXCEPT SELECT 'gone', object FROM objects_fresh)
+ORDER BY 1, 2;
 -- same privileges
 SELECT a.relname FROM acl_upgraded a JOIN pg_class c ON c.relname = a.relname
    AND c.relnamespace = 'storyboard_worker'::regnamespace
@@ -65,7 +83,20 @@ SELECT f.fn FROM functions_upgraded f
 SELECT prosecdef, proconfig FROM pg_proc
  WHERE oid = 'storyboard_worker.forget_dropped_plugins()'::regprocedure;
 DROP EXTENSION storyboard_worker CASCADE;
--- 1.1 -> 1.2 as well
+-- 1.1 -> 1.3 and 1.2 -> 1.3 as well
+CREATE EXTENSION storyboard_worker VERSION '1.2';
+ALTER EXTENSION storyboard_worker UPDATE;
+SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
+(SELECT pg_describe_object(classid, objid, objsubid) AS object
+    FROM pg_depend WHERE refclassid = 'pg_extension'::regclass
+     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker')
+ EXCEPT SELECT object FROM objects_fresh)
+UNION ALL
+(SELECT object FROM objects_fresh
+ EXCEPT SELECT pg_describe_object(classid, objid, objsubid)
+    FROM pg_depend WHERE refclassid = 'pg_extension'::regclass
+     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker'));
+DROP EXTENSION storyboard_worker CASCADE;
 CREATE EXTENSION storyboard_worker VERSION '1.1';
 ALTER EXTENSION storyboard_worker UPDATE;
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';

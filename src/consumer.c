@@ -18,10 +18,11 @@
  *
  * The path of a first delivery: up to batch_size deliveries that are
  * already here are taken, each is dispatched (plugins in subtransactions)
- * in one transaction, the transaction commits, its commit record is
- * flushed, and only then are they acknowledged: one basic.ack with
- * multiple=true per prefetch/4 committed deliveries, or once the queue has
- * been dry for SBW_ACK_DELAY_MS.  A batch that cannot commit is run again
+ * in one transaction, the transaction commits without waiting for the WAL
+ * flush, and they are acknowledged once the WAL holding the commit record
+ * is flushed (acks.c): by the WAL writer, or by this consumer itself when
+ * the queue runs dry or half its prefetch window waits for
+ * acknowledgement.  A batch that cannot commit is run again
  * one event per transaction, so that one bad event holds back no other; a
  * single event that cannot commit is requeued (basic.nack), the connection
  * is dropped and the consumer backs off.
@@ -60,6 +61,7 @@
 #include "utils/varlena.h"
 #include "utils/wait_event.h"
 
+#include "acks.h"
 #include "amqp_link.h"
 #include "dispatch.h"
 #include "ledger.h"
@@ -70,8 +72,8 @@
 /* How often an idle or waiting consumer re-checks its preconditions. */
 #define SBW_IDLE_CHECK_MS	5000
 #define SBW_MIN_BACKOFF_MS	1000
-/* Longest an acknowledgement waits for company once the queue is dry. */
-#define SBW_ACK_DELAY_MS	20
+/* How often acknowledgements that could not go out yet are tried again. */
+#define SBW_ACK_RETRY_MS	20
 /* Deliveries handled before the loop checks interrupts again. */
 #define SBW_DRAIN_LIMIT		500
 /* How often consumer 0 prunes the ledger, backlog or not. */
@@ -92,9 +94,6 @@ typedef struct SbwConsumerState
 	int			txn_failures;	/* consecutive transactions that failed */
 	bool		logged_waiting;
 	const char *waiting_for;	/* why we are idle, for the log */
-	uint64		ack_tag;		/* last committed, unacknowledged delivery */
-	int			ack_pending;	/* committed deliveries not yet acked */
-	TimestampTz ack_since;		/* when the oldest of them committed */
 	MemoryContext loop_cxt;		/* reset after every wake-up */
 	MemoryContext batch_cxt;	/* reset after every batch */
 	TimestampTz next_check;		/* next look at the preconditions */
@@ -103,6 +102,7 @@ typedef struct SbwConsumerState
 	LOCKTAG		redelivery_tag; /* the lock redelivered messages run under */
 	bool		redelivery_locked;
 	SbwLedgerTables tables;		/* as seen by our last transaction */
+	XLogRecPtr	commit_lsn;		/* end of our last commit record */
 } SbwConsumerState;
 
 static SbwConsumerState cs;
@@ -135,28 +135,22 @@ sbw_note_error(int elevel, const char *msg)
 }
 
 /*
- * Acknowledge, with one basic.ack multiple=true, every delivery committed
- * so far.  Acks are deferred (never before COMMIT, sometimes a little
- * after): one ack frame per ack_every deliveries, or whenever the queue
- * runs dry, halves the broker's work per message.  A connection lost with
- * acks pending means those messages come back redelivered, and the ledger
- * recognises them.
+ * Acknowledge what is durable (acks.c); with 'flush', flush the WAL up to
+ * the newest commit first, so that everything committed goes.  A
+ * connection lost with acknowledgements pending means those messages come
+ * back redelivered, and the ledger recognises them.
  */
 static bool
-sbw_flush_acks(void)
+sbw_send_acks(bool flush)
 {
 	char	   *err = NULL;
-	bool		ok = true;
 
-	if (cs.ack_pending == 0 || cs.link == NULL)
+	if (cs.link == NULL || sbw_acks_pending() == 0)
 		return true;
-	if (!sbw_amqp_ack(cs.link, cs.ack_tag, true, &err))
-	{
-		sbw_note_error(LOG, psprintf("acknowledgement lost after commit: %s", err));
-		ok = false;
-	}
-	cs.ack_pending = 0;
-	return ok;
+	if (sbw_acks_send(cs.link, flush, &err))
+		return true;
+	sbw_note_error(LOG, psprintf("acknowledgement lost after commit: %s", err));
+	return false;
 }
 
 /* Drop the broker connection (if any), acknowledging what was committed. */
@@ -165,11 +159,11 @@ sbw_disconnect(void)
 {
 	if (cs.link)
 	{
-		(void) sbw_flush_acks();
+		(void) sbw_send_acks(true);
 		sbw_amqp_close(cs.link, SBW_CLOSE_MS);
 		cs.link = NULL;
 	}
-	cs.ack_pending = 0;
+	sbw_acks_forget();
 }
 
 /*
@@ -182,7 +176,7 @@ sbw_consumer_exit(int code, Datum arg)
 {
 	if (cs.link)
 	{
-		(void) sbw_flush_acks();
+		(void) sbw_send_acks(true);
 		sbw_amqp_close(cs.link, SBW_CLOSE_MS);
 		cs.link = NULL;
 	}
@@ -382,11 +376,9 @@ sbw_begin(const char *activity)
 }
 
 /*
- * Commit, and make the commit durable before anything is acknowledged:
- * flush the WAL up to the commit record ourselves, whatever
- * synchronous_commit the database, the role or a plugin asked for (a
- * plugin's own settings end with its call; see scope.c).  So a message is
- * acknowledged only after its effects survive a crash, by construction.
+ * Commit, and flush the WAL up to the commit record before going on: for
+ * the redelivery count, which must survive the crash it is there to count,
+ * and the notes kept with it.
  */
 static void
 sbw_commit_durably(void)
@@ -395,6 +387,24 @@ sbw_commit_durably(void)
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	XLogFlush(XactLastCommitEnd);
+}
+
+/*
+ * Commit an event's transaction without waiting for the WAL flush, and
+ * return the end of its commit record: its deliveries are acknowledged only
+ * once the WAL is flushed that far (acks.c), whatever synchronous_commit
+ * the database, a role or a plugin set (a plugin's settings end with its
+ * call; this SET LOCAL is outside all of them and ends with the commit).
+ */
+static XLogRecPtr
+sbw_commit_async(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	(void) set_config_option("synchronous_commit", "off", PGC_USERSET,
+							 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
+	CommitTransactionCommand();
+	return XactLastCommitEnd;
 }
 
 /* After one of our transactions, committed or not. */
@@ -456,7 +466,7 @@ sbw_apply(SbwDelivery *dv, SbwLedgerTables tables, const SbwVerdict *v,
 {
 	SbwMessage	msg;
 	SbwDispatch d;
-	bytea	   *key = NULL;
+	pg_uuid_t  *key = NULL;
 	bool		counted = v && v->counted;
 
 	sbw_message_of(dv, &msg);
@@ -543,9 +553,9 @@ sbw_share_redelivery_lock(SbwLedgerTables tables)
 }
 
 /*
- * Run deliveries in one transaction, committed durably.  Returns false if
- * it could not commit (everything is rolled back and logged; *failure, if
- * given, says why).
+ * Run deliveries in one transaction; cs.commit_lsn is where its commit
+ * record ends.  Returns false if it could not commit (everything is rolled
+ * back and logged; *failure, if given, says why).
  */
 static bool
 sbw_run_transaction(SbwDelivery *dvs, int n, const SbwVerdict *v, SbwFailure *failure)
@@ -566,7 +576,7 @@ sbw_run_transaction(SbwDelivery *dvs, int n, const SbwVerdict *v, SbwFailure *fa
 			sbw_share_redelivery_lock(tables);
 		for (i = 0; i < n; i++)
 			sbw_apply(&dvs[i], tables, v, &t);
-		sbw_commit_durably();
+		cs.commit_lsn = sbw_commit_async();
 	}
 	PG_CATCH();
 	{
@@ -621,34 +631,28 @@ sbw_note_failure(SbwDelivery *dv, const SbwFailure *f, bool counted)
 }
 
 /*
- * Note committed deliveries for acknowledgement: acks are deferred and
- * sent with multiple=true (see sbw_flush_acks).  Returns false if the
- * connection is lost.
+ * Deliveries up to 'tag' just committed (cs.commit_lsn): acknowledge them
+ * once durable (acks.c).  Whatever is durable already goes now; a prefetch
+ * window half full of committed deliveries forces a flush, so that the
+ * broker keeps sending.  Returns false if the connection is lost.
  */
 static bool
 sbw_committed(uint64 tag, int n)
 {
-	cs.ack_tag = tag;
-	if (cs.ack_pending == 0)
-		cs.ack_since = GetCurrentTimestamp();
-	cs.ack_pending += n;
-	if (cs.ack_pending >= Max(sbw_rabbit_prefetch / 4, 1))
-		return sbw_flush_acks();
-	return true;
+	sbw_acks_committed(tag, n, cs.commit_lsn);
+	return sbw_send_acks(sbw_acks_pending() >= Max(sbw_rabbit_prefetch / 2, 1));
 }
 
 /*
- * Give a delivery that could not commit back to the broker, alone: it comes
- * back redelivered, and counted (sbw_process_redelivered).  What earlier
- * transactions committed is acknowledged first.
+ * Give a delivery that could not commit back to the broker, alone
+ * (multiple=false: earlier deliveries wait for their own acknowledgement):
+ * it comes back redelivered, and counted (sbw_process_redelivered).
  */
 static void
 sbw_requeue(uint64 tag)
 {
 	char	   *err = NULL;
 
-	if (!sbw_flush_acks())
-		return;
 	if (!sbw_amqp_nack(cs.link, tag, false, true, &err))
 		sbw_note_error(LOG, err);
 }
@@ -743,7 +747,7 @@ sbw_count_redelivery(SbwDelivery *dv, bool *duplicate, char **last_error)
 	PG_TRY();
 	{
 		SbwMessage	msg;
-		bytea	   *key;
+		pg_uuid_t  *key;
 
 		sbw_begin("storyboard_worker: counting a redelivery");
 		sbw_lock_redeliveries();
@@ -925,15 +929,11 @@ sbw_drain(void)
 		if (n < batch_size && !alone && !has_held)
 		{
 			/*
-			 * Nothing more right now.  Acknowledge before sleeping once the
-			 * oldest pending ack is SBW_ACK_DELAY_MS old; until then the
-			 * main loop wakes us that often, so that at moderate rates acks
-			 * still go out several at a time.
+			 * The queue has run dry: rather than wait for the WAL writer,
+			 * flush up to our newest commit (one flush for every commit
+			 * since the last) and acknowledge everything.
 			 */
-			if (cs.ack_pending > 0 &&
-				TimestampDifferenceExceeds(cs.ack_since, GetCurrentTimestamp(),
-										   SBW_ACK_DELAY_MS) &&
-				!sbw_flush_acks())
+			if (!sbw_send_acks(true))
 				return -1;
 			break;
 		}
@@ -1049,7 +1049,8 @@ sbw_go_idle(void)
 /*
  * How long the connected consumer may sleep: at most half a heartbeat
  * interval, so that our heartbeats go out and a silent broker is noticed
- * within two intervals, and less while acks wait for company.
+ * within two intervals, and a short while when acknowledgements still wait
+ * (a synchronous standby that has not confirmed yet).
  */
 static long
 sbw_connected_timeout(void)
@@ -1058,8 +1059,8 @@ sbw_connected_timeout(void)
 		sbw_amqp_heartbeat(cs.link) * 1000L / 2 : SBW_IDLE_CHECK_MS;
 
 	timeout_ms = Min(timeout_ms, SBW_IDLE_CHECK_MS);
-	if (cs.ack_pending > 0)
-		timeout_ms = Min(timeout_ms, SBW_ACK_DELAY_MS);
+	if (sbw_acks_pending() > 0)
+		timeout_ms = Min(timeout_ms, SBW_ACK_RETRY_MS);
 	return timeout_ms;
 }
 

@@ -185,7 +185,8 @@ sbw_jsonb(const char *text, bool *isnull)
 
 /*
  * Build the storyboard_worker.event value the plugins receive.  The author
- * lookup runs as the plugin role (see above).
+ * lookup runs as the plugin role (see above), and only when some plugin
+ * reads event.author (role valid); otherwise author is NULL.
  */
 static Datum
 sbw_build_event(const SbwMessage *msg, const SbwEvent *ev, Oid event_type,
@@ -211,9 +212,13 @@ sbw_build_event(const SbwMessage *msg, const SbwEvent *ev, Oid event_type,
 	values[1] = BoolGetDatum(msg->redelivered);
 	values[2] = Int64GetDatum(ev->author_id);
 	nulls[2] = !ev->has_author_id;
-	sbw_plugin_scope_begin(&scope, role);
-	values[3] = sbw_lookup_author(ev, &nulls[3]);
-	sbw_plugin_scope_end(&scope);
+	nulls[3] = true;
+	if (OidIsValid(role))
+	{
+		sbw_plugin_scope_begin(&scope, role);
+		values[3] = sbw_lookup_author(ev, &nulls[3]);
+		sbw_plugin_scope_end(&scope);
+	}
 	SBW_TEXT(4, ev->method);
 	SBW_TEXT(5, ev->url);
 	SBW_TEXT(6, ev->path);
@@ -449,9 +454,13 @@ sbw_build_event_body(void *arg)
 }
 
 /*
- * Build the event in a subtransaction, so that a value PostgreSQL refuses
- * (which the decoder should have caught) dead-letters this message instead
- * of aborting the consumer's transaction again and again.
+ * Build the event.  With the author lookup (role valid), in a
+ * subtransaction, so that its SQL failing, or a value PostgreSQL refuses
+ * (which the decoder should have caught), dead-letters this message instead
+ * of aborting the consumer's transaction; without it, only jsonb_in runs,
+ * on texts the decoder has already checked, and the subtransaction is not
+ * worth its cost (should it fail all the same, the transaction fails and
+ * the message is counted as a poison one).
  */
 static bool
 sbw_build_event_guarded(SbwDispatch *d, const SbwMessage *msg,
@@ -461,6 +470,11 @@ sbw_build_event_guarded(SbwDispatch *d, const SbwMessage *msg,
 	SbwBuildCall b = {msg, ev, event_type, role, (Datum) 0};
 	ErrorData  *edata;
 
+	if (!OidIsValid(role))
+	{
+		*event = sbw_build_event(msg, ev, event_type, InvalidOid);
+		return true;
+	}
 	if (sbw_subxact_run(sbw_build_event_body, &b, &edata))
 	{
 		*event = b.event;
@@ -580,7 +594,8 @@ sbw_dispatch_with(SbwDispatch *d, const SbwMessage *msg, SbwPluginSet *set)
 	}
 
 	role = sbw_plugin_role();
-	if (!sbw_build_event_guarded(d, msg, &ev, set->event_type, role, &event))
+	if (!sbw_build_event_guarded(d, msg, &ev, set->event_type,
+								 set->reads_author ? role : InvalidOid, &event))
 	{
 		SPI_finish();
 		return;

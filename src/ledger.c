@@ -43,6 +43,7 @@
 #include "executor/spi.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
+#include "utils/uuid.h"
 
 #include "plugins.h"
 #include "scope.h"
@@ -52,12 +53,12 @@
 static SbwStmt claim_stmt = SBW_STMT(
 	"INSERT INTO storyboard_worker.ledger (message_key) VALUES ($1)"
 	" ON CONFLICT (message_key) DO NOTHING",
-	1, BYTEAOID);
+	1, UUIDOID);
 
 static SbwStmt contains_stmt = SBW_STMT(
 	"SELECT 1 FROM storyboard_worker.ledger"
 	" WHERE message_key OPERATOR(pg_catalog.=) $1",
-	1, BYTEAOID);
+	1, UUIDOID);
 
 static SbwStmt count_stmt = SBW_STMT(
 	"WITH before AS (SELECT last_error FROM storyboard_worker.redeliveries"
@@ -67,7 +68,7 @@ static SbwStmt count_stmt = SBW_STMT(
 	" SET attempts = r.attempts OPERATOR(pg_catalog.+) 1,"
 	"     last_at = pg_catalog.now(), last_error = NULL"
 	" RETURNING r.attempts, (SELECT last_error FROM before)",
-	1, BYTEAOID);
+	1, UUIDOID);
 
 static SbwStmt failure_stmt = SBW_STMT(
 	"INSERT INTO storyboard_worker.redeliveries AS r (message_key, attempts, last_error)"
@@ -76,12 +77,12 @@ static SbwStmt failure_stmt = SBW_STMT(
 	" SET last_error = EXCLUDED.last_error, last_at = pg_catalog.now(),"
 	"     attempts = CASE WHEN $3 THEN pg_catalog.int4larger(r.attempts OPERATOR(pg_catalog.-) 1, 0)"
 	"                     ELSE r.attempts END",
-	3, BYTEAOID, TEXTOID, BOOLOID);
+	3, UUIDOID, TEXTOID, BOOLOID);
 
 static SbwStmt forget_stmt = SBW_STMT(
 	"DELETE FROM storyboard_worker.redeliveries"
 	" WHERE message_key OPERATOR(pg_catalog.=) $1",
-	1, BYTEAOID);
+	1, UUIDOID);
 
 static SbwStmt prune_ledger_stmt = SBW_STMT(
 	"DELETE FROM storyboard_worker.ledger"
@@ -120,45 +121,40 @@ sbw_ledger_tables(void)
 }
 
 /*
- * The key of a message: "m:" + message_id (all its bytes, NULs included),
- * or "d:" + sha256(routing key, NUL, body), plus the announced length for a
- * body cut short at max_message_bytes (two long bodies that differ only
- * after the cut are still two messages, as far as the length tells).
+ * The key of a message, 16 bytes: the first half of the SHA-256 digest of
+ * "m:" and the message_id (all its bytes, NULs included), or of the routing
+ * key, a NUL and the body, plus the announced length for a body cut short
+ * at max_message_bytes (two long bodies that differ only after the cut are
+ * still two messages, as far as the length tells).  A uuid column holds it:
+ * a fixed-width index key, compared as two words.
  */
-bytea *
+pg_uuid_t *
 sbw_ledger_key(const SbwMessage *msg)
 {
-	bytea	   *key;
+	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
+	uint8		digest[PG_SHA256_DIGEST_LENGTH];
+	pg_uuid_t  *key = palloc(sizeof(pg_uuid_t));
+	bool		ok;
 
-	if (msg->message_id_len > 0)
+	ok = ctx != NULL && pg_cryptohash_init(ctx) == 0;
+	if (ok && msg->message_id_len > 0)
+		ok = pg_cryptohash_update(ctx, (const uint8 *) "m:", 2) == 0 &&
+			pg_cryptohash_update(ctx, (const uint8 *) msg->message_id_raw,
+								 msg->message_id_len) == 0;
+	else if (ok)
 	{
-		size_t		len = msg->message_id_len;
-
-		key = palloc(VARHDRSZ + 2 + len);
-		SET_VARSIZE(key, VARHDRSZ + 2 + len);
-		memcpy(VARDATA(key), "m:", 2);
-		memcpy(VARDATA(key) + 2, msg->message_id_raw, len);
-	}
-	else
-	{
-		pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
 		const char *rk = msg->routing_key ? msg->routing_key : "";
 
-		key = palloc(VARHDRSZ + 2 + PG_SHA256_DIGEST_LENGTH);
-		SET_VARSIZE(key, VARHDRSZ + 2 + PG_SHA256_DIGEST_LENGTH);
-		memcpy(VARDATA(key), "d:", 2);
-		if (ctx == NULL ||
-			pg_cryptohash_init(ctx) < 0 ||
-			pg_cryptohash_update(ctx, (const uint8 *) rk, strlen(rk) + 1) < 0 ||
-			pg_cryptohash_update(ctx, (const uint8 *) msg->body, msg->body_len) < 0 ||
-			(msg->body_declared_len > msg->body_len &&
+		ok = pg_cryptohash_update(ctx, (const uint8 *) rk, strlen(rk) + 1) == 0 &&
+			pg_cryptohash_update(ctx, (const uint8 *) msg->body, msg->body_len) == 0 &&
+			(msg->body_declared_len <= msg->body_len ||
 			 pg_cryptohash_update(ctx, (const uint8 *) &msg->body_declared_len,
-								  sizeof(msg->body_declared_len)) < 0) ||
-			pg_cryptohash_final(ctx, (uint8 *) VARDATA(key) + 2,
-								PG_SHA256_DIGEST_LENGTH) < 0)
-			elog(ERROR, "could not compute SHA-256 digest of a message");
-		pg_cryptohash_free(ctx);
+								  sizeof(msg->body_declared_len)) == 0);
 	}
+	if (!ok || pg_cryptohash_final(ctx, digest, sizeof(digest)) < 0)
+		elog(ERROR, "could not compute SHA-256 digest of a message");
+	pg_cryptohash_free(ctx);
+	memcpy(key->data, digest, UUID_LEN);
 	return key;
 }
 
@@ -171,9 +167,9 @@ sbw_ledger_key(const SbwMessage *msg)
  * finds it committed (a duplicate: skip) or rolled back (claimed: run).
  */
 bool
-sbw_ledger_claim(bytea *key)
+sbw_ledger_claim(pg_uuid_t *key)
 {
-	Datum		values[1] = {PointerGetDatum(key)};
+	Datum		values[1] = {UUIDPGetDatum(key)};
 
 	(void) sbw_stmt_execute(&claim_stmt, values, NULL, false, 0, SPI_OK_INSERT);
 	return SPI_processed == 1;
@@ -181,9 +177,9 @@ sbw_ledger_claim(bytea *key)
 
 /* Was this message processed already (committed, or claimed by us)? */
 bool
-sbw_ledger_contains(bytea *key)
+sbw_ledger_contains(pg_uuid_t *key)
 {
-	Datum		values[1] = {PointerGetDatum(key)};
+	Datum		values[1] = {UUIDPGetDatum(key)};
 
 	(void) sbw_stmt_execute(&contains_stmt, values, NULL, true, 1, SPI_OK_SELECT);
 	return SPI_processed > 0;
@@ -196,9 +192,9 @@ sbw_ledger_contains(bytea *key)
  * flushes it before running any plugin.
  */
 int
-sbw_ledger_count_attempt(bytea *key, char **last_error)
+sbw_ledger_count_attempt(pg_uuid_t *key, char **last_error)
 {
-	Datum		values[1] = {PointerGetDatum(key)};
+	Datum		values[1] = {UUIDPGetDatum(key)};
 	bool		isnull;
 
 	(void) sbw_stmt_execute(&count_stmt, values, NULL, false, 0,
@@ -218,9 +214,9 @@ sbw_ledger_count_attempt(bytea *key, char **last_error)
  * database's (a privilege, a missing role, no disk), not the message's.
  */
 void
-sbw_ledger_note_failure(bytea *key, const char *error, bool refund)
+sbw_ledger_note_failure(pg_uuid_t *key, const char *error, bool refund)
 {
-	Datum		values[3] = {PointerGetDatum(key), CStringGetTextDatum(error),
+	Datum		values[3] = {UUIDPGetDatum(key), CStringGetTextDatum(error),
 	BoolGetDatum(refund)};
 
 	(void) sbw_stmt_execute(&failure_stmt, values, NULL, false, 0, SPI_OK_INSERT);
@@ -228,9 +224,9 @@ sbw_ledger_note_failure(bytea *key, const char *error, bool refund)
 
 /* The message is applied (or dead-lettered) at last: drop its count. */
 void
-sbw_ledger_forget_attempts(bytea *key)
+sbw_ledger_forget_attempts(pg_uuid_t *key)
 {
-	Datum		values[1] = {PointerGetDatum(key)};
+	Datum		values[1] = {UUIDPGetDatum(key)};
 
 	(void) sbw_stmt_execute(&forget_stmt, values, NULL, false, 0, SPI_OK_DELETE);
 }

@@ -9,6 +9,7 @@
 #define SBW_LEDGER_H
 
 #include "datatype/timestamp.h"
+#include "utils/uuid.h"
 
 struct SbwMessage;
 
@@ -24,14 +25,14 @@ typedef struct SbwLedgerTables
 extern SbwLedgerTables sbw_ledger_tables(void);
 
 /* The key of a message: message_id, or a digest of routing key and body. */
-extern bytea *sbw_ledger_key(const struct SbwMessage *msg);
+extern pg_uuid_t *sbw_ledger_key(const struct SbwMessage *msg);
 
 /* All of these need SPI connected, in the caller's transaction. */
-extern bool sbw_ledger_claim(bytea *key);
-extern bool sbw_ledger_contains(bytea *key);
-extern int	sbw_ledger_count_attempt(bytea *key, char **last_error);
-extern void sbw_ledger_note_failure(bytea *key, const char *error, bool refund);
-extern void sbw_ledger_forget_attempts(bytea *key);
+extern bool sbw_ledger_claim(pg_uuid_t *key);
+extern bool sbw_ledger_contains(pg_uuid_t *key);
+extern int	sbw_ledger_count_attempt(pg_uuid_t *key, char **last_error);
+extern void sbw_ledger_note_failure(pg_uuid_t *key, const char *error, bool refund);
+extern void sbw_ledger_forget_attempts(pg_uuid_t *key);
 extern uint64 sbw_ledger_prune(TimestampTz cutoff);
 
 #endif							/* SBW_LEDGER_H */

@@ -248,6 +248,8 @@ sbw_plugin_from_row(SbwPlugin *p, HeapTuple tup, TupleDesc desc)
 	p->handler = isnull ? InvalidOid : DatumGetObjectId(d);
 	d = SPI_getbinval(tup, desc, 3, &isnull);
 	p->enabled = isnull ? InvalidOid : DatumGetObjectId(d);
+	d = SPI_getbinval(tup, desc, 4, &isnull);
+	p->reads_author = isnull || DatumGetBool(d);
 
 	p->handler_owner = OidIsValid(p->handler) ? sbw_func_owner(p->handler) : InvalidOid;
 	if (!OidIsValid(p->handler_owner))
@@ -330,7 +332,14 @@ sbw_extension_version(Oid extoid)
 }
 
 static SbwStmt load_stmt = SBW_STMT(
-	"SELECT name, handler, enabled FROM storyboard_worker.plugins ORDER BY position",
+	"SELECT name, handler, enabled, reads_author"
+	" FROM storyboard_worker.plugins ORDER BY position",
+	0, InvalidOid);
+
+/* SQL objects older than 1.3 have no reads_author: every plugin reads it */
+static SbwStmt load_stmt_1_2 = SBW_STMT(
+	"SELECT name, handler, enabled, true"
+	" FROM storyboard_worker.plugins ORDER BY position",
 	0, InvalidOid);
 
 /*
@@ -379,7 +388,10 @@ sbw_plugins_load(void)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	(void) sbw_stmt_execute(&load_stmt, NULL, NULL, true, 0, SPI_OK_SELECT);
+	if (get_attnum(cached_plugins_relid, "reads_author") != InvalidAttrNumber)
+		(void) sbw_stmt_execute(&load_stmt, NULL, NULL, true, 0, SPI_OK_SELECT);
+	else
+		(void) sbw_stmt_execute(&load_stmt_1_2, NULL, NULL, true, 0, SPI_OK_SELECT);
 	oldcxt = MemoryContextSwitchTo(set->cxt);
 	for (i = 0; i < SPI_processed; i++)
 	{
@@ -387,6 +399,7 @@ sbw_plugins_load(void)
 
 		sbw_plugin_from_row(p, SPI_tuptable->vals[i], SPI_tuptable->tupdesc);
 		set->plugins = lappend(set->plugins, p);
+		set->reads_author |= p->reads_author;
 	}
 	MemoryContextSwitchTo(oldcxt);
 	SPI_finish();
@@ -507,6 +520,16 @@ sbw_check_replaceable_by(Oid fn, Oid role, Oid ext_owner, const char *plugin)
 }
 
 static SbwStmt register_stmt = SBW_STMT(
+	"INSERT INTO storyboard_worker.plugins (name, handler, enabled, reads_author)"
+	" VALUES ($1, $2, $3, $4)"
+	" ON CONFLICT (name) DO UPDATE"
+	" SET handler = EXCLUDED.handler, enabled = EXCLUDED.enabled,"
+	" reads_author = EXCLUDED.reads_author,"
+	" registered_at = pg_catalog.now(), registered_by = CURRENT_USER",
+	4, TEXTOID, REGPROCEDUREOID, REGPROCEDUREOID, BOOLOID);
+
+/* register_plugin of the SQL objects before 1.3: three arguments */
+static SbwStmt register_stmt_1_2 = SBW_STMT(
 	"INSERT INTO storyboard_worker.plugins (name, handler, enabled)"
 	" VALUES ($1, $2, $3)"
 	" ON CONFLICT (name) DO UPDATE"
@@ -546,17 +569,18 @@ sbw_check_registration(const char *name, Oid handler, Oid enabled)
 }
 
 /*
- * SQL: register_plugin(name, handler, enabled DEFAULT NULL).  Registering
- * an existing name replaces its functions but keeps its place in the
- * running order.
+ * SQL: register_plugin(name, handler, enabled DEFAULT NULL, reads_author
+ * DEFAULT true).  Registering an existing name replaces its functions but
+ * keeps its place in the running order.
  */
 Datum
 sbw_register_plugin(PG_FUNCTION_ARGS)
 {
 	Oid			handler;
 	Oid			enabled = InvalidOid;
-	Datum		values[3];
-	char		nulls[3] = {' ', ' ', ' '};
+	Datum		values[4];
+	char		nulls[4] = {' ', ' ', ' ', ' '};
+	bool		with_author_flag = PG_NARGS() > 3;
 
 	if (PG_ARGISNULL(0) || VARSIZE_ANY_EXHDR(PG_GETARG_TEXT_PP(0)) == 0)
 		ereport(ERROR,
@@ -578,10 +602,12 @@ sbw_register_plugin(PG_FUNCTION_ARGS)
 	values[2] = ObjectIdGetDatum(enabled);
 	if (!OidIsValid(enabled))
 		nulls[2] = 'n';
+	values[3] = BoolGetDatum(!with_author_flag || PG_ARGISNULL(3) || PG_GETARG_BOOL(3));
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	(void) sbw_stmt_execute(&register_stmt, values, nulls, false, 0, SPI_OK_INSERT);
+	(void) sbw_stmt_execute(with_author_flag ? &register_stmt : &register_stmt_1_2,
+							values, nulls, false, 0, SPI_OK_INSERT);
 	SPI_finish();
 	PG_RETURN_VOID();
 }

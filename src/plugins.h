@@ -18,6 +18,7 @@ typedef struct SbwPlugin
 	Oid			enabled;		/* InvalidOid = always enabled */
 	Oid			handler_owner;
 	Oid			enabled_owner;
+	bool		reads_author;	/* it reads event.author */
 	bool		resolved;		/* the FmgrInfos below are filled */
 	FmgrInfo	handler_finfo;
 	FmgrInfo	enabled_finfo;
@@ -35,6 +36,7 @@ typedef struct SbwPluginSet
 	List	   *plugins;		/* of SbwPlugin *, in registration order */
 	Oid			event_type;		/* storyboard_worker.event */
 	Oid			ext_owner;		/* owner of the extension */
+	bool		reads_author;	/* some plugin reads event.author */
 	int			pins;
 	bool		stale;
 } SbwPluginSet;

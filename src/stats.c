@@ -96,6 +96,9 @@ sbw_slot_attach(int slot)
 	my_slot->dead_lettered = 0;
 	my_slot->redelivered = 0;
 	my_slot->duplicates = 0;
+	my_slot->acked = 0;
+	my_slot->acks_pending = 0;
+	memset(my_slot->ack_waits, 0, sizeof(my_slot->ack_waits));
 	SpinLockRelease(&my_slot->mutex);
 	before_shmem_exit(sbw_slot_detach, (Datum) 0);
 }
@@ -148,6 +151,81 @@ sbw_slot_error(const char *msg)
 	SpinLockRelease(&my_slot->mutex);
 }
 
+/*
+ * The histogram bucket of a commit-to-ack wait of 'us' microseconds: four
+ * linear buckets per power of two, so that the bucket's upper bound is
+ * within 25 % of any value in it.
+ */
+int
+sbw_ack_wait_bucket(int64 us)
+{
+	int			e = 0;
+	int			b;
+
+	if (us < 4)
+		return (int) Max(us, 0);
+	while ((us >> e) > 1)
+		e++;
+	b = 4 * (e - 1) + (int) ((us >> (e - 2)) & 3);
+	return Min(b, SBW_ACK_WAIT_BUCKETS - 1);
+}
+
+/* The largest wait, in microseconds, bucket b holds. */
+static double
+sbw_ack_wait_upper(int b)
+{
+	int			e;
+
+	if (b < 4)
+		return (double) b + 1;
+	e = b / 4 + 1;
+	return (double) (((int64) (5 + b % 4)) << (e - 2));
+}
+
+/*
+ * The p-quantile (0..1) of a consumer's commit-to-ack waits, in
+ * milliseconds, from its histogram; -1 when nothing was acknowledged.
+ */
+static double
+sbw_ack_wait_quantile(const uint64 *waits, double p)
+{
+	uint64		total = 0;
+	uint64		seen = 0;
+	int			b;
+
+	for (b = 0; b < SBW_ACK_WAIT_BUCKETS; b++)
+		total += waits[b];
+	if (total == 0)
+		return -1;
+	for (b = 0; b < SBW_ACK_WAIT_BUCKETS; b++)
+	{
+		seen += waits[b];
+		if ((double) seen >= p * (double) total)
+			break;
+	}
+	return sbw_ack_wait_upper(Min(b, SBW_ACK_WAIT_BUCKETS - 1)) / 1000.0;
+}
+
+/*
+ * Count acknowledged deliveries and their commit-to-ack waits (waits may be
+ * NULL), and publish how many committed deliveries still wait.
+ */
+void
+sbw_slot_acks(uint64 acked, const uint32 *waits, int pending)
+{
+	int			b;
+
+	if (my_slot == NULL)
+		return;
+	SpinLockAcquire(&my_slot->mutex);
+	my_slot->acked += acked;
+	my_slot->acks_pending = pending;
+	if (waits)
+		for (b = 0; b < SBW_ACK_WAIT_BUCKETS; b++)
+			my_slot->ack_waits[b] += waits[b];
+	SpinLockRelease(&my_slot->mutex);
+}
+
 static const char *
 sbw_state_name(SbwWorkerState state)
 {
@@ -183,8 +261,10 @@ sbw_worker_stats(PG_FUNCTION_ARGS)
 	{
 		SbwWorkerSlot *slot = &sbw_shared->slots[i];
 		SbwWorkerSlot copy;
-		Datum		values[12];
-		bool		nulls[12];
+		Datum		values[16];
+		bool		nulls[16];
+		double		p50,
+					p99;
 
 		SpinLockAcquire(&slot->mutex);
 		memcpy(&copy, slot, sizeof(copy));
@@ -216,9 +296,19 @@ sbw_worker_stats(PG_FUNCTION_ARGS)
 		else
 			nulls[9] = nulls[10] = true;
 		values[11] = Int64GetDatum((int64) copy.duplicates);
-		/* version 1.0 of the SQL declares 11 columns, 1.1 adds duplicates */
-		if (rsinfo->setDesc->natts < 12)
-			nulls[11] = true;
+		values[12] = Int64GetDatum((int64) copy.acked);
+		values[13] = Int32GetDatum(copy.acks_pending);
+		p50 = sbw_ack_wait_quantile(copy.ack_waits, 0.50);
+		p99 = sbw_ack_wait_quantile(copy.ack_waits, 0.99);
+		values[14] = Float8GetDatum(p50);
+		nulls[14] = p50 < 0;
+		values[15] = Float8GetDatum(p99);
+		nulls[15] = p99 < 0;
+
+		/*
+		 * The SQL of 1.0 declares 11 columns, 1.1 and 1.2 add duplicates,
+		 * 1.3 the acknowledgements: fill what the declaration has.
+		 */
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	PG_RETURN_VOID();

@@ -35,7 +35,7 @@
  * stay idle until ALTER EXTENSION storyboard_worker UPDATE brings an older
  * install to it (they need its tables: the redelivery count, the ledger).
  */
-#define SBW_EXTENSION_VERSION	"1.2"
+#define SBW_EXTENSION_VERSION	"1.3"
 
 /*
  * SQLSTATE a plugin raises to ask for a retry later ("not yet"), e.g. when
@@ -93,6 +93,13 @@ typedef enum SbwWorkerState
 	SBW_STATE_BACKING_OFF
 } SbwWorkerState;
 
+/*
+ * Commit-to-acknowledgement waits, per consumer: a histogram with four
+ * buckets per power of two of microseconds (sbw_ack_wait_bucket), so that
+ * a percentile read from it is within 25 %.
+ */
+#define SBW_ACK_WAIT_BUCKETS	120
+
 typedef struct SbwWorkerSlot
 {
 	slock_t		mutex;
@@ -107,6 +114,9 @@ typedef struct SbwWorkerSlot
 	uint64		duplicates;		/* redelivered and found in the ledger */
 	char		last_error[256];
 	TimestampTz last_error_at;
+	uint64		acked;			/* deliveries acknowledged */
+	int			acks_pending;	/* committed, not acknowledged yet */
+	uint64		ack_waits[SBW_ACK_WAIT_BUCKETS];
 } SbwWorkerSlot;
 
 typedef struct SbwShared
@@ -124,6 +134,8 @@ extern void sbw_slot_count(uint64 received, uint64 processed,
 						   uint64 dead_lettered, uint64 redelivered,
 						   uint64 duplicates);
 extern void sbw_slot_error(const char *msg);
+extern void sbw_slot_acks(uint64 acked, const uint32 *waits, int pending);
+extern int	sbw_ack_wait_bucket(int64 us);
 
 /* ---- launcher.c / consumer.c ---- */
 extern void sbw_register_launcher(void);

@@ -18,7 +18,9 @@ G_SCHEMA_SQL      - the plugins and tables these tests use (schema sbw_g)
 import collections
 import hashlib
 import os
+import tempfile
 import time
+import uuid
 
 import sbw
 from sbw import wait_for
@@ -174,10 +176,13 @@ def bulk_messages(count, prefix, message_ids=False):
 
 
 def ledger_key(routing_key, body, message_id=None):
-    """storyboard_worker.ledger.message_key: 'm:' + message_id, else 'd:' + sha256(rk NUL body)."""
+    """storyboard_worker.ledger.message_key (a uuid, as text): the first 16 bytes of
+    sha256('m:' + message_id), else of sha256(rk NUL body)."""
     if message_id:
-        return b"m:" + message_id.encode()
-    return b"d:" + hashlib.sha256(routing_key.encode() + b"\0" + body).digest()
+        raw = b"m:" + (message_id if isinstance(message_id, bytes) else message_id.encode())
+    else:
+        raw = routing_key.encode() + b"\0" + body
+    return str(uuid.UUID(bytes=hashlib.sha256(raw).digest()[:16]))
 
 
 def queue_drained(services, queue=QUEUE, timeout=60):
@@ -245,8 +250,8 @@ def ledger_rows(cluster, messages):
     keys = [ledger_key(rk, body, (extra or {}).get("message_id")) for rk, body, extra in messages]
     n = 0
     for i in range(0, len(keys), 1000):
-        n += cluster.one("SELECT count(*) FROM storyboard_worker.ledger WHERE message_key = ANY(%s::bytea[])",
-                         ([bytes(k) for k in keys[i:i + 1000]],))
+        n += cluster.one("SELECT count(*) FROM storyboard_worker.ledger WHERE message_key = ANY(%s::uuid[])",
+                         (keys[i:i + 1000],))
     return n
 
 
@@ -394,3 +399,48 @@ def free_port(avoid=()):
         finally:
             s.close()
     raise RuntimeError("no free port")
+
+
+class Standby:
+    """A streaming standby of the test cluster (pg_basebackup -R), started as
+    a child we hold the Popen of; stop() by that process.  extra_conf goes to
+    its postgresql.auto.conf; app_name is its application_name upstream."""
+
+    def __init__(self, services, pgbin, extra_conf="", app_name="sbw_standby"):
+        import subprocess
+        import types
+        self.base = tempfile.mkdtemp(prefix="g_standby.", dir=services.dir)
+        os.chmod(self.base, 0o755)
+        self.data, self.sock = os.path.join(self.base, "data"), os.path.join(self.base, "sock")
+        os.makedirs(self.sock)
+        subprocess.run(["chown", "-R", "postgres:postgres", self.base], check=True)
+        self.port = free_port()
+        self.log = os.path.join(self.base, "postgres.log")
+        self.proc = None
+        r = subprocess.run(["runuser", "-u", "postgres", "--", pgbin + "/pg_basebackup", "-h", services.pg_host,
+                            "-p", str(services.pg_port), "-U", "postgres", "-D", self.data, "-R", "-X", "stream",
+                            "-c", "fast", "-d", "application_name=%s" % app_name],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError("pg_basebackup failed: " + r.stdout)
+        with open(os.path.join(self.data, "postgresql.auto.conf"), "a") as f:
+            f.write("port = %d\nunix_socket_directories = '%s'\n%s\n" % (self.port, self.sock, extra_conf))
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
+                                          pgbin + "/postgres", "-D", self.data], stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.cluster = sbw.Cluster(types.SimpleNamespace(pg_host=self.sock, pg_port=self.port), {})
+
+    def stop(self):
+        import signal
+        import subprocess
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+        self.cluster.reset_connections()
+        subprocess.run(["rm", "-rf", self.base])

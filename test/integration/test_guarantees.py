@@ -31,7 +31,7 @@ import sbw
 from sbw import wait_for
 
 N_FAULT = int(os.environ.get("SBW_FAULT_EVENTS", "5000"))
-PGBIN = "/usr/lib/postgresql/15/bin"
+PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
 
 
 def _sb_user(services):
@@ -63,6 +63,8 @@ def _fault_run(cluster, services, pglog, metrics, name, inject, message_ids=Fals
         pub_secs = g_util.publish_window(services.amqp_url, msgs, persistent=True)
         wait_for(lambda: cluster.seen(prefix)[1] >= n // 5, 120, "a fifth of the events applied")
         at_fault = cluster.seen(prefix)[1]
+        # committed deliveries still waiting for their WAL flush to be acknowledged
+        unacked = cluster.one("SELECT coalesce(sum(acks_pending), 0) FROM storyboard_worker.stats")
         t_fault = time.monotonic()
         note = inject() or ""
         cluster.wait_consuming(timeout=90)
@@ -75,10 +77,11 @@ def _fault_run(cluster, services, pglog, metrics, name, inject, message_ids=Fals
         ledger = g_util.ledger_rows(cluster, msgs)
         dead = g_util.dead_letters_like(cluster, '"key=%s-' % prefix)
         metrics.add("fault %s" % name,
-                    "published %d persistent (%.1fs), %d applied at the fault; after: %d rows, %d distinct, "
+                    "published %d persistent (%.1fs), %d applied at the fault, %d of them committed but not "
+                    "acknowledged (WAL not flushed yet); after: %d rows, %d distinct, "
                     "%d content mismatches, %d applied from a redelivery, duplicates skipped (stats) %d, "
                     "redelivered (stats) %d, ledger rows %d, dead letters %d; all applied %.1fs after the fault%s"
-                    % (n, pub_secs, at_fault, rows, distinct, len(bad), redelivered,
+                    % (n, pub_secs, at_fault, unacked, rows, distinct, len(bad), redelivered,
                        d["messages_duplicates"], d["messages_redelivered"], ledger, dead, t_all,
                        "; " + note if note else ""))
         assert at_fault < n, "the fault came after every event was applied: make the run slower"
@@ -404,30 +407,14 @@ def test_standby_idle_until_promoted(cluster, services, metrics):
     queue, so it cannot take the primary's events): no storyboard_worker
     process while in recovery; consumers after pg_promote()."""
     g_util.setup_g(cluster)
-    base = tempfile.mkdtemp(prefix="g_standby.", dir=services.dir)
-    os.chmod(base, 0o755)
-    data, sock = os.path.join(base, "data"), os.path.join(base, "sock")
-    os.makedirs(sock)
-    subprocess.run(["chown", "-R", "postgres:postgres", base], check=True)
-    port = g_util.free_port()
     exchange, queue = "sbw_g_standby_x", "sbw_g_standby_q"
-    proc = None
-    logf = os.path.join(base, "postgres.log")
     t_start = time.monotonic()
+    standby = None
     try:
-        r = subprocess.run(["runuser", "-u", "postgres", "--", PGBIN + "/pg_basebackup", "-h", services.pg_host,
-                            "-p", str(services.pg_port), "-U", "postgres", "-D", data, "-R", "-X", "stream",
-                            "-c", "fast"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
-        assert r.returncode == 0, r.stdout
-        with open(os.path.join(data, "postgresql.auto.conf"), "a") as f:
-            f.write("port = %d\nunix_socket_directories = '%s'\n"
-                    "storyboard_worker.rabbit_exchange_name = '%s'\n"
-                    "storyboard_worker.rabbit_event_queue_name = '%s'\n" % (port, sock, exchange, queue))
-        with open(logf, "ab") as out:
-            proc = subprocess.Popen(["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
-                                     PGBIN + "/postgres", "-D", data], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
-        sb = sbw.Cluster(types.SimpleNamespace(pg_host=sock, pg_port=port), {})
+        standby = g_util.Standby(services, PGBIN,
+                                 "storyboard_worker.rabbit_exchange_name = '%s'\n"
+                                 "storyboard_worker.rabbit_event_queue_name = '%s'" % (exchange, queue))
+        sb = standby.cluster
         wait_for(lambda: sb.one("SELECT pg_is_in_recovery()", db="postgres") is True, 60, "the standby up")
         time.sleep(3)
         in_recovery = sb.backends()
@@ -446,21 +433,14 @@ def test_standby_idle_until_promoted(cluster, services, metrics):
         assert cluster.seen(prefix) == (0, 0)
         metrics.add("standby", "no storyboard_worker process in recovery; %d consumers consuming %.1fs after "
                     "pg_promote(); test took %.1fs" % (len(st), promote_secs, time.monotonic() - t_start))
-        sb.reset_connections()
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        if standby is not None:
+            standby.stop()
         for fn, arg in ((g_util.delete_queue, queue), (g_util.delete_exchange, exchange)):
             try:
                 fn(services.amqp_url, arg)
             except Exception:
                 pass
-        subprocess.run(["rm", "-rf", base])
 
 
 # ---------------------------------------------------------------- broker settings

@@ -60,14 +60,15 @@ def test_ledger_pruned_under_a_sustained_backlog(cluster, services, metrics):
     sbw.register(cluster, "slow")
     sbw.set_control(cluster, "slow_ms", 20)
     try:
-        cluster.execute("INSERT INTO storyboard_worker.ledger VALUES ('\\x0ddba110'::bytea, now() - interval '30 days')")
+        cluster.execute("INSERT INTO storyboard_worker.ledger VALUES ('0ddba110-0000-0000-0000-000000000000', "
+                        "now() - interval '30 days')")
         prefix = sbw.unique("bl")
         g_util.publish_window(services.amqp_url, g_util.bulk_messages(1500, prefix)[0])
         # consumer 0 prunes when it starts and then every minute, busy or not
         c0 = [s["pid"] for s in cluster.stats() if s["worker_id"] == 0]
         cluster.execute("SELECT pg_terminate_backend(%s)", (c0[0],), db="postgres")
         gone = wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.ledger "
-                                            "WHERE message_key = '\\x0ddba110'::bytea") == 0
+                                            "WHERE message_key = '0ddba110-0000-0000-0000-000000000000'") == 0
                         and services.queue_counts(), 30, "the old ledger row pruned")
         metrics.add("prune under backlog", "old ledger row pruned while the queue held %d ready, %d unacked"
                     % (gone[0], gone[1]))
@@ -131,8 +132,8 @@ def test_message_ids_kept_whole_and_valid(cluster, services, metrics):
     dl = wait_for(lambda: len(r := cluster.q(
         "SELECT message_id FROM storyboard_worker.dead_letters WHERE position(convert_to(%s, 'UTF8') in body) > 0 "
         "ORDER BY id", (prefix,))) == 2 and r, 30, "2 dead letters")
-    keys = cluster.q("SELECT count(*) FROM storyboard_worker.ledger WHERE message_key = ANY(%s::bytea[])",
-                     ([b"m:" + i for i in ids[:2]],))[0][0]
+    keys = cluster.q("SELECT count(*) FROM storyboard_worker.ledger WHERE message_key = ANY(%s::uuid[])",
+                     ([g_util.ledger_key(None, None, i) for i in ids[:2]],))[0][0]
     metrics.add("message ids", "NUL and invalid UTF-8 ids stored as %r; ids differing after a NUL: %d ledger rows"
                 % ([r[0] for r in dl], keys))
     assert sorted(r[0] for r in dl) == sorted(["\\x" + ids[2].hex(), ids[3].decode()]), dl

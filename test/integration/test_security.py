@@ -216,7 +216,7 @@ def intruder(cluster):
     _drop_role(cluster, INTRUDER)
     cluster.execute('CREATE ROLE "%s" LOGIN' % INTRUDER, db="postgres")
     cluster.execute('CREATE SCHEMA sbw_g_intruder AUTHORIZATION "%s"' % INTRUDER)
-    cluster.execute("GRANT EXECUTE ON FUNCTION storyboard_worker.register_plugin(text, regprocedure, regprocedure), "
+    cluster.execute("GRANT EXECUTE ON FUNCTION storyboard_worker.register_plugin(text, regprocedure, regprocedure, boolean), "
                     "storyboard_worker.unregister_plugin(text), storyboard_worker.process_event(text, text), "
                     'storyboard_worker.replay(bigint) TO "%s"' % INTRUDER)
     conn = psycopg2.connect(host=cluster.svc.pg_host, port=cluster.svc.pg_port, user=INTRUDER, dbname=sbw.DB,
@@ -277,7 +277,8 @@ def test_non_owner_cannot_manage_or_read(cluster, services, intruder, metrics):
     assert [r[0] for r in cols[1]] == ["worker_id", "pid", "state", "broker", "connected_since",
                                        "messages_received", "messages_processed", "messages_dead_lettered",
                                        "messages_redelivered", "last_error", "last_error_at",
-                                       "messages_duplicates"], cols
+                                       "messages_duplicates", "messages_acked", "acks_pending",
+                                       "ack_wait_p50_ms", "ack_wait_p99_ms"], cols
     st = _as(intruder, "SELECT broker, last_error FROM storyboard_worker.stats")
     assert st[0] == "ok" and st[1], st
     assert all(r[0] in (None, "127.0.0.1:%d" % services.amqp_port) for r in st[1]), st

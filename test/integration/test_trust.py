@@ -213,9 +213,9 @@ def test_hostile_search_path_runs_nothing_elevated(cluster, services, roles, pgl
                     "'sbw_test_plugins.fail_at_commit(storyboard_worker.event)')")
     cluster.set_gucs(max_redeliveries=2)
     # an old ledger row and an old redelivery count, for the prune
-    cluster.execute("INSERT INTO storyboard_worker.ledger VALUES ('\\x0badbad0'::bytea, now() - interval '30 days')")
+    cluster.execute("INSERT INTO storyboard_worker.ledger VALUES ('0badbad0-0000-0000-0000-000000000000', now() - interval '30 days')")
     cluster.execute("INSERT INTO storyboard_worker.redeliveries (message_key, last_at) "
-                    "VALUES ('\\x0badbad1'::bytea, now() - interval '30 days')")
+                    "VALUES ('0badbad1-0000-0000-0000-000000000000', now() - interval '30 days')")
     cluster.execute('ALTER DATABASE "%s" SET search_path = hostile, pg_catalog, storyboard' % sbw.DB,
                     db="postgres")
     restart_consumers(cluster)
@@ -262,9 +262,9 @@ def test_hostile_search_path_runs_nothing_elevated(cluster, services, roles, pgl
         # the prune: consumer 0 prunes when it starts, then every minute
         restart_consumers(cluster)
         wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.ledger "
-                                     "WHERE message_key = '\\x0badbad0'::bytea") == 0, 30, "the old ledger row pruned")
+                                     "WHERE message_key = '0badbad0-0000-0000-0000-000000000000'") == 0, 30, "the old ledger row pruned")
         wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.redeliveries "
-                                     "WHERE message_key = '\\x0badbad1'::bytea") == 0, 30, "the old count pruned")
+                                     "WHERE message_key = '0badbad1-0000-0000-0000-000000000000'") == 0, 30, "the old count pruned")
         calls = _calls(pglog, mark)
         elevated = [c for c in calls if c[2] or c[1] != PLUGIN]
         kinds = sorted({c[0] for c in calls})
@@ -388,7 +388,7 @@ def test_consumers_wait_for_the_sql_objects_to_be_updated(cluster, services, pgl
         cluster.set_gucs(database=db)
         line = wait_for(lambda: pglog.grep(mark, "waiting for ALTER EXTENSION storyboard_worker UPDATE"),
                         30, "the consumers waiting for the update")
-        assert "its SQL objects are version 1.1, the library is 1.2" in line[0], line
+        assert "its SQL objects are version 1.1, the library is 1.3" in line[0], line
         time.sleep(1)
         states = [s["state"] for s in cluster.q("SELECT * FROM storyboard_worker.stats WHERE pid <> 0",
                                                  db=db, dicts=True)]
