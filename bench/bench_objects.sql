@@ -14,7 +14,8 @@ CREATE SCHEMA bench;
 CREATE TABLE bench.noop_events (
 	resource_id		bigint,
 	published_us	bigint,
-	committed_at	timestamptz NOT NULL DEFAULT clock_timestamp()
+	committed_at	timestamptz NOT NULL DEFAULT clock_timestamp(),
+	backend_pid		integer NOT NULL DEFAULT pg_backend_pid()	-- which consumer
 );
 
 CREATE FUNCTION bench.noop_plugin(e storyboard_worker.event)

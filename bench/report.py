@@ -8,10 +8,15 @@ and a plot of throughput against worker_count.
 """
 
 import json
+import os
 import sys
 
 TARGETS = {
     "noop_ceiling": 0.8,
+    "noop_sync_pgbench": 1.0,      # one transaction per event vs pgbench, synchronous commit
+    "noop_async_pgbench": 0.6,     # ... vs pgbench with synchronous_commit = off
+    "consumer_cpu": 1.3,           # consumer CPU per event / pgbench backend CPU per transaction
+    "p99_ack_ms": 50.0,
     "sub_ceiling": 0.7,
     "baseline": 20.0,
     "p99_ms": 10.0,
@@ -54,6 +59,68 @@ def ext_rate(r):
     return r.get("rate") if r else None
 
 
+def profile_us(run, *syms, minus=()):
+    """Inclusive µs per event of the first of syms found in a profile run (minus others)."""
+    us = (run.get("cpu", {}).get("us_per_event") or {}).get("consumers")
+    inc = run.get("inclusive") or {}
+    v = next((inc[s] for s in syms if s in inc), None)
+    if us is None or v is None:
+        return None
+    return us * (v - sum(inc.get(m, 0.0) for m in minus)) / 100.0
+
+
+def before_after(A, res_path, profs):
+    """What each change of 1.3 saved: the no-op profile of 1.2 (bench/results-1.2.json, made
+    on this machine from the 1.2 sources) beside this run's."""
+    path = os.path.join(os.path.dirname(os.path.abspath(res_path)), "results-1.2.json")
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return
+    o = next((r for r in old["runs"] if r["kind"] == "profile" and r["workload"] == "noop"), None)
+    n = next((r for r in profs if r["workload"] == "noop" and not r.get("reads_author")), None)
+    na = next((r for r in profs if r["workload"] == "noop" and r.get("reads_author")), None)
+    if not (o and n):
+        return
+    rows = [
+        ("COMMIT and its WAL flush: synchronous in 1.2; in 1.3 asynchronous, with one flush per turn "
+         "for every commit since (`sbw_commit_async` + `sbw_acks_send`)",
+         profile_us(o, "CommitTransactionCommand"),
+         (profile_us(n, "sbw_commit_async") or 0) + (profile_us(n, "sbw_acks_send") or 0)),
+        ("ledger key: SHA-256 as `bytea` with a text prefix → 16 bytes as `uuid` (`sbw_ledger_key`)",
+         profile_us(o, "sbw_ledger_key"), profile_us(n, "sbw_ledger_key")),
+        ("ledger claim, INSERT … ON CONFLICT DO NOTHING on that key (`sbw_ledger_claim`)",
+         profile_us(o, "sbw_ledger_claim"), profile_us(n, "sbw_ledger_claim")),
+        ("author lookup and its subtransaction: always in 1.2; in 1.3 only when an enabled plugin reads "
+         "`event.author` (`sbw_build_event_guarded` − `jsonb_in`; the *author read* run in brackets)",
+         profile_us(o, "sbw_build_event_guarded", minus=("jsonb_in",)),
+         profile_us(n, "sbw_build_event_guarded", minus=("jsonb_in",))),
+        ("calling the plugin without the plugin itself: subtransaction, role switch, settings level, "
+         "deferred constraints (`sbw_call_plugin` − `plpgsql_exec_function`)",
+         profile_us(o, "sbw_call_plugin", minus=("plpgsql_exec_function",)),
+         profile_us(n, "sbw_call_plugin", minus=("plpgsql_exec_function",))),
+        ("decoding the body, unchanged code (`sbw_decode_event`)",
+         profile_us(o, "sbw_decode_event"), profile_us(n, "sbw_decode_event")),
+    ]
+    A("What each change of 1.3 saves, no-op workload, µs of one consumer's CPU per event: the same "
+      "profile run of 1.2 (`bench/results-1.2.json`: %s) beside this run's. The 1.2 figures include the cost "
+      "of cache misses after every fdatasync (the unchanged decoder shows how much)." % old.get("note", "1.2"))
+    A("")
+    A("| step | 1.2 | 1.3 |")
+    A("|---|---|---|")
+    A("| consumer CPU per event (`/proc`, under perf) | %s µs | %s µs |"
+      % (fmt((o["cpu"].get("us_per_event") or {}).get("consumers")),
+         fmt((n["cpu"].get("us_per_event") or {}).get("consumers"))))
+    for label, a, b in rows:
+        extra = ""
+        if na is not None and label.startswith("author"):
+            extra = " (%.1f µs)" % (profile_us(na, "sbw_build_event_guarded", minus=("jsonb_in",)) or 0)
+        A("| %s | %s | %s%s |" % (label, "–" if a is None else "%.1f µs" % a,
+                                  "–" if b is None else "%.1f µs" % b, extra))
+    A("")
+
+
 def main():
     res_path, md_path, png_path = sys.argv[1:4]
     res = json.load(open(res_path))
@@ -70,10 +137,13 @@ def main():
             ext = by.get(("ext", wl, w))
             amqp = by.get(("amqp", "any", w))
             pgb = by.get(("pgbench", wl, w))
+            pga = by.get(("pgbench_async", wl, w))
             base = by.get(("baseline", wl, w))
             d = {"ext": ext_rate(ext), "steady": ext.get("steady_rate") if ext else None,
+                 "acked": ext.get("rate_acked") if ext else None,
                  "amqp": amqp.get("rate_from_start") if amqp else None,
                  "pgbench": pgb.get("rate") if pgb else None,
+                 "pgbench_async": pga.get("rate") if pga else None,
                  "baseline": base.get("rate") if base else None,
                  "dead": ext.get("dead_letters") if ext else None,
                  "other": max([x.get("cpu", {}).get("other_cores", 0) for x in (ext, amqp if wl == "noop" else None, pgb, base) if x] or [0]),
@@ -84,6 +154,8 @@ def main():
             else:
                 d["ceiling"] = d["pgbench"]
             d["r_ceiling"] = ratio(d["ext"], d["ceiling"])
+            d["r_sync"] = ratio(d["ext"], d["pgbench"])
+            d["r_async"] = ratio(d["ext"], d["pgbench_async"])
             d["r_baseline"] = ratio(d["ext"], d["baseline"])
             rows[(wl, w)] = d
 
@@ -100,6 +172,30 @@ def main():
                         "%s ev/s at W=%s vs min(%s, %s) = %s" % (fmt(rate), w, fmt(d.get("amqp")),
                                                                fmt(d.get("pgbench")), fmt(d.get("ceiling"))),
                         r2(rr), rr is not None and rr >= TARGETS["noop_ceiling"]))
+        rr = d.get("r_sync")
+        targets.append(("No-op plugin, batch_size 1 (one transaction per event) ≥ 1.0 × the pgbench ceiling "
+                        "(same SQL, same clients, synchronous commit) at the best worker_count",
+                        "%s ev/s at W=%s (every event acknowledged: %s ev/s) vs pgbench %s tps"
+                        % (fmt(rate), w, fmt(d.get("acked")), fmt(d.get("pgbench"))),
+                        r2(rr), rr is not None and rr >= TARGETS["noop_sync_pgbench"]))
+        rr = d.get("r_async")
+        amqp_r = ratio(d.get("amqp"), d.get("pgbench_async"))
+        targets.append(("No-op plugin ≥ 0.6 × the pgbench ceiling with synchronous_commit = off",
+                        "%s ev/s at W=%s vs pgbench (async) %s tps; the bare AMQP consume-and-ack loop alone "
+                        "(no database work) reaches %s msg/s, %s of that ceiling, and storyboard_worker %s of it"
+                        % (fmt(rate), w, fmt(d.get("pgbench_async")), fmt(d.get("amqp")), r2(amqp_r),
+                           r2(ratio(rate, d.get("amqp")))),
+                        r2(rr), rr is not None and rr >= TARGETS["noop_async_pgbench"]))
+        ext = by.get(("ext", "noop", w))
+        pgb = by.get(("pgbench", "noop", w))
+        ue = (ext or {}).get("cpu", {}).get("us_per_event", {})
+        up = (pgb or {}).get("cpu", {}).get("us_per_event", {})
+        if ue.get("consumers") and up.get("pg"):
+            rr = ue["consumers"] / up["pg"]
+            targets.append(("Consumer CPU per event ≤ 1.3 × pgbench's backend CPU per transaction (no-op)",
+                            "%s µs per event at W=%s vs %s µs per transaction" % (fmt(ue["consumers"]), w,
+                                                                                 fmt(up["pg"])),
+                            r2(rr), rr <= TARGETS["consumer_cpu"]))
     if "subscription" in workloads:
         rate, w = best("subscription", "ext")
         d = rows.get(("subscription", w), {})
@@ -120,15 +216,34 @@ def main():
         if not mine:
             continue
         head = ([r for r in mine if r.get("basis", "concurrent") == "concurrent"] or mine)[0]
-        others = [r for r in mine if r is not head]
+        others = [r for r in mine if r is not head and r.get("basis") != "paced peak probe"]
+        probe = ([r for r in mine if r.get("basis") == "paced peak probe"] or [None])[0]
         conc = by.get(("ext_concurrent", wl, head["workers"]))
-        extra = "".join("; at half the pre-loaded peak (%s ev/s): p99 %.2f ms" % (fmt(r["target_rate"]), r["p99_ms"])
-                        for r in others)
+        labels = {"preloaded": "at half the pre-loaded peak (%s ev/s)",
+                  "streamed peak": "at half the streamed peak (%s ev/s)",
+                  "concurrent, most workers": "at the same %s ev/s with W=%%d"}
+
+        def other(r):
+            label = labels.get(r.get("basis"), r.get("basis", "?") + " %s ev/s") % fmt(r["target_rate"])
+            if "%d" in label:
+                label = label % r["workers"]
+            return "; %s: p99 %.2f ms" % (label, r["p99_ms"])
+        basis = ("half the paced peak: messages published one by one at the streamed peak (%s ev/s, publisher "
+                 "running) were kept up with at %s ev/s" % (fmt(conc.get("rate")) if conc else "?",
+                                                            fmt(2 * head["target_rate"]))) if probe else \
+            "half the peak with the publisher running (%s ev/s)" % (fmt(conc.get("rate")) if conc else "?")
         targets.append(("p99 publish-to-commit latency at half load ≤ 10 ms (%s workload)" % wl,
-                        "p99 %.2f ms (p50 %.2f ms) at %s ev/s = half the peak with the publisher running (%s ev/s), "
-                        "W=%d%s" % (head["p99_ms"], head["p50_ms"], fmt(head["target_rate"]),
-                                    fmt(conc.get("rate")) if conc else "?", head["workers"], extra),
+                        "p99 %.2f ms (p50 %.2f ms) at %s ev/s = %s, W=%d%s"
+                        % (head["p99_ms"], head["p50_ms"], fmt(head["target_rate"]), basis, head["workers"],
+                           "".join(other(r) for r in others)),
                         "%.2f ms" % head["p99_ms"], head["p99_ms"] <= TARGETS["p99_ms"]))
+        if head.get("ack_wait_p99_ms") is not None:
+            bound = head["p99_ms"] + head["ack_wait_p99_ms"]
+            targets.append(("p99 publish-to-ack latency at half load ≤ 50 ms (%s workload)" % wl,
+                            "%.2f ms, the sum of p99 publish-to-commit %.2f ms and p99 commit-to-ack %.2f ms "
+                            "(p50 %.2f ms; the consumers' histograms, bucket bounds within 25 %%), same run"
+                            % (bound, head["p99_ms"], head["ack_wait_p99_ms"], head["ack_wait_p50_ms"]),
+                            "≤ %.2f ms" % bound, bound <= TARGETS["p99_ack_ms"]))
     idle = [r for r in runs if r["kind"] == "idle"]
     for r in idle:
         worst = max(100.0 * c["cpu_seconds"] / r["seconds"] for c in r["consumers"])
@@ -287,22 +402,24 @@ def main():
       "(events − 1) / (last − first event's commit-side time). *AMQP ceiling*: the same messages, "
       "W connections, `basic.consume` prefetch %d, one `basic.ack` each, from connecting to the last ack. "
       "*pgbench ceiling*: `pgbench -M prepared -c W -j W -T %d` running the plugin's SQL, one event per "
-      "transaction. *baseline*: `bench/storyboard_baseline.py` with W processes, first `basic_get` to last "
+      "transaction, synchronous commit; *pgbench async*: the same with `synchronous_commit = off`. "
+      "*acked*: events / (time the last one was acknowledged, its commit flushed − that reload). "
+      "*baseline*: `bench/storyboard_baseline.py` with W processes, first `basic_get` to last "
       "commit (up to %s events or %d s). Ratios: storyboard_worker ÷ ceiling (no-op: the smaller of the "
-      "two ceilings) and ÷ baseline."
+      "AMQP and synchronous pgbench ceilings), ÷ pgbench async, and ÷ baseline."
       % (fmt(cfg["events"]), fmt(cfg["sub_events"]), 100, cfg["pgbench_secs"],
          fmt(cfg["baseline_events"]), cfg["baseline_secs"]))
     A("")
-    A("| workload | W | storyboard_worker | steady | AMQP ceiling | pgbench ceiling | ratio to ceiling | baseline | ratio to baseline | dead letters | other load |")
-    A("|---|---|---|---|---|---|---|---|---|---|---|")
+    A("| workload | W | storyboard_worker | steady | acked | AMQP ceiling | pgbench ceiling | ratio to ceiling | pgbench async | ratio to async | baseline | ratio to baseline | dead letters | other load |")
+    A("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for wl in workloads:
         for w in ws:
             d = rows[(wl, w)]
-            A("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %.2f |" % (
+            A("| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %.2f |" % (
                 wl, w, fmt(d["ext"]) if not d["error"] else "failed: " + d["error"],
-                fmt(d["steady"]), fmt(d["amqp"]) if wl == "noop" else "(%s)" % fmt(d["amqp"]),
-                fmt(d["pgbench"]), r2(d["r_ceiling"]), fmt(d["baseline"], 1), r2(d["r_baseline"]).replace("×", "×"),
-                fmt(d["dead"]), d["other"]))
+                fmt(d["steady"]), fmt(d["acked"]), fmt(d["amqp"]) if wl == "noop" else "(%s)" % fmt(d["amqp"]),
+                fmt(d["pgbench"]), r2(d["r_ceiling"]), fmt(d["pgbench_async"]), r2(d["r_async"]),
+                fmt(d["baseline"], 1), r2(d["r_baseline"]), fmt(d["dead"]), d["other"]))
     A("")
     A("*other load*: CPU (in cores) used by processes outside the benchmark during the busiest of the "
       "row's four runs (machine busy time from /proc/stat minus the benchmark's process trees). Each run "
@@ -345,27 +462,41 @@ def main():
     A("## Latency at half the peak rate")
     A("")
     A("Messages published one by one at half the peak rate (evenly paced, streaming publisher confirms), W consumers "
-      "already connected, at the best worker_count. *basis*: the peak halved — *concurrent* = the end-to-end peak with "
-      "the publisher running (the table above; the headline), *preloaded* = the steady rate from a pre-loaded "
+      "already connected, at the best worker_count: the fewest workers whose pre-loaded steady rate is within 5 % of "
+      "the best one (what an operator would pick). *basis*: the peak halved. The end-to-end peak with the publisher "
+      "running (the table above) is measured with messages streamed; published one by one, evenly paced, as "
+      "StoryBoard's API publishes them, every message costs the broker about three times the CPU, so the "
+      "machine sustains less: *paced peak probe* publishes one by one at that streamed peak for a few seconds, "
+      "and the rate the consumers kept up with (first publish to last commit) is the paced peak. "
+      "*concurrent* = half the paced peak (the headline), *streamed peak* = half the streamed peak (when higher), "
+      "*concurrent, most workers* = the headline rate with the largest worker_count measured, *preloaded* = half "
+      "the steady rate from a pre-loaded "
       "queue, which needs no broker work for publishing, so half of it loads this machine well beyond half. Latency = `clock_timestamp()` taken by "
       "the no-op plugin inside the event's transaction (for the subscription workload: the no-op plugin "
       "registered after `subscription`, as a probe) − the publish time `bench/amqp_ceiling` writes into the "
-      "body just before `basic.publish`. It does not include the COMMIT's WAL flush that follows "
-      "(fdatasync ≈ 0.1–0.3 ms here). Each run starts with an unmeasured second of events at the same rate, so "
+      "body just before `basic.publish`. It does not include the wait for the WAL flush that follows; "
+      "*commit to ack* does: the consumers' histogram of the time from each COMMIT to its acknowledgement "
+      "(the `stats` view, for the whole run, its unmeasured first second included), and *publish to ack* adds "
+      "the two p99s. Each run starts with an unmeasured second of events at the same rate, so "
       "that the re-planning after the harness's TRUNCATE is not counted; *slow 100 ms windows* lists when "
-      "(seconds after the start of publishing) the slowest events were published.")
+      "(seconds after the start of publishing) the slowest events were published, and how many of the consumers had events over 10 ms in that window.")
     A("")
-    A("| workload | basis | W | rate (target / achieved) | events | p50 | p90 | p99 | p99.9 | max | slow 100 ms windows | checkpoints, autovacuum/analyze during the run | WAL fsyncs (average) | CPU in use (ours + others), hypervisor steal | other load |")
-    A("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    A("| workload | basis | W | rate (target / achieved) | events | p50 | p90 | p99 | p99.9 | max | commit to ack p50 / p99 | publish to ack p99 (sum of p99s) | slow 100 ms windows | checkpoints, autovacuum/analyze during the run | WAL fsyncs (average) | CPU in use (ours + others), hypervisor steal | other load |")
+    A("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in lat:
         c = r.get("cpu", {})
         sw = r.get("slow_windows") or []
-        A("| %s | %s | %d | %s / %s ev/s | %s | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %s | %s | %s | %.2f of %s cores, %.2f | %.2f |" % (
+        aw50, aw99 = r.get("ack_wait_p50_ms"), r.get("ack_wait_p99_ms")
+        A("| %s | %s | %d | %s / %s ev/s%s | %s | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %s | %s | %s | %s | %s | %.2f of %s cores, %.2f | %.2f |" % (
             r["workload"], r.get("basis", "–"), r["workers"], fmt(r["target_rate"]), fmt(r["publish"]["rate"]),
+            " (kept up with: %s)" % fmt(r["kept_up_rate"]) if r.get("basis") == "paced peak probe" else "",
             fmt(r["measured"]),
             r["p50_ms"], r["p90_ms"], r["p99_ms"], r["p999_ms"], r["max_ms"],
+            "%.2f / %.2f ms" % (aw50, aw99) if aw99 is not None else "–",
+            "%.2f ms" % (r["p99_ms"] + aw99) if aw99 is not None else "–",
             "%d of %s%s" % (len(sw), r.get("windows", "?"),
-                            (": " + ", ".join("%.0f ms at %.1f s" % (b, a) for a, b in sorted(sw, key=lambda x: -x[1])[:3])) if sw else ""),
+                            (": " + ", ".join("%.0f ms at %.1f s%s" % (x[1], x[0], " (%d of %d consumers)" % (x[2], r["workers"]) if len(x) > 2 else "")
+                                              for x in sorted(sw, key=lambda x: -x[1])[:3])) if sw else ""),
             "%s, %s" % (r.get("checkpoints", "–"), r.get("autovacuum_analyze", "–")),
             "%s (%s ms)" % (fmt(r.get("wal_syncs")), "%.2f" % r["wal_sync_avg_ms"] if r.get("wal_sync_avg_ms") is not None else "–"),
             c.get("bench_cores", 0) + c.get("kernel_cores", 0) + c.get("other_cores", 0), m.get("nproc", "?"),
@@ -450,42 +581,60 @@ def main():
                                             fmt(r["cpu"]["us_per_event"].get("tools"), 1)))
         A("")
     steps = [
-        ("sbw_process_batch", "one batch: everything below"),
-        ("CommitTransactionCommand", "COMMIT (XLogFlush: WAL write + fdatasync)"),
-        ("XLogFlush", "  of which the WAL flush"),
-        ("sbw_amqp_next", "receive a delivery (librabbitmq)"),
-        ("sbw_decode_event", "decode the body (json-c)"),
-        ("sbw_build_event_guarded", "build storyboard_worker.event (author lookup, jsonb_in)"),
-        ("sbw_lookup_author", "  of which the author SELECT to_jsonb(u)"),
-        ("jsonb_in", "  of which jsonb_in for the snapshots"),
-        ("sbw_call_plugin", "run the plugin in a subtransaction"),
-        ("BeginInternalSubTransaction", "  of which starting the subtransaction"),
-        ("plpgsql_exec_function", "  the no-op plugin's PL/pgSQL"),
-        ("sbw_subscription_handler", "  the subscription plugin"),
-        ("standard_ExecutorStart", "    executor start-up (all statements)"),
-        ("standard_ExecutorRun", "    executor run (all statements)"),
-        ("GetCachedPlan", "    plan cache look-ups and re-planning"),
-        ("sbw_ledger_key", "ledger key (SHA-256 of the body)"),
-        ("sbw_ledger_record", "ledger INSERT ... ON CONFLICT DO NOTHING"),
-        ("sbw_ledger_claim", "ledger INSERT ... ON CONFLICT DO NOTHING (claim)"),
-        ("sbw_amqp_ack", "basic.ack (multiple=true, deferred)"),
+        ("sbw_process_batch", "one event: everything below, up to its COMMIT"),
+        ("sbw_amqp_next", "  receive a delivery (librabbitmq)"),
+        ("sbw_ledger_key", "  ledger key (uuid: 16 bytes of SHA-256 of routing key and body)"),
+        ("sbw_ledger_claim", "  ledger INSERT ... ON CONFLICT DO NOTHING (claim)"),
+        ("sbw_decode_event", "  decode the body (json-c)"),
+        ("sbw_build_event_guarded", "  build storyboard_worker.event (author lookup, jsonb_in)"),
+        ("sbw_lookup_author", "    of which the author SELECT to_jsonb(u)"),
+        ("jsonb_in", "    of which jsonb_in for the snapshots"),
+        ("sbw_call_plugin", "  run the plugin: subtransaction, role, settings, the plugin"),
+        ("BeginInternalSubTransaction", "    start the subtransaction"),
+        ("ReleaseCurrentSubTransaction", "    release the subtransaction"),
+        ("sbw_plugin_scope_begin", "    switch to the plugin role, open a settings level"),
+        ("sbw_plugin_scope_end", "    back: settings reset, deferred constraints fired"),
+        ("plpgsql_exec_function", "    the no-op plugin's PL/pgSQL"),
+        ("sbw_subscription_handler", "    the subscription plugin"),
+        ("standard_ExecutorStart", "      executor start-up (all statements)"),
+        ("standard_ExecutorRun", "      executor run (all statements)"),
+        ("GetCachedPlan", "      plan cache look-ups and re-planning"),
+        ("sbw_commit_async", "  COMMIT, synchronous_commit = off (no WAL flush)"),
+        ("sbw_acks_send", "acknowledge once durable (acks.c)"),
+        ("XLogFlush", "  of which the WAL flush when the queue runs dry"),
+        ("sbw_amqp_ack", "  of which basic.ack (multiple=true)"),
         ("pgstat_report_activity", "pgstat_report_activity"),
     ]
     profs = [r for r in runs if r["kind"] == "profile" and r.get("inclusive")]
     if profs:
-        A("Inclusive share of one consumer's CPU time per step (`perf record -e cpu-clock --call-graph dwarf`, "
-          "W=1, separate unscored runs; the WAL flush's fdatasync is on-CPU kernel time here):")
+        A("Inclusive CPU time of one consumer per step, in µs per event (share of the consumer's CPU time × "
+          "its CPU µs per event from `/proc`), from `perf record -e cpu-clock --call-graph dwarf` of separate, "
+          "unscored runs with W=1. *author read*: the same no-op plugin registered with `reads_author => true`, "
+          "so that the author lookup it otherwise skips shows. The WAL flush's fdatasync is on-CPU kernel time "
+          "on this machine.")
         A("")
-        A("| step | " + " | ".join("%s workload" % r["workload"] for r in profs) + " |")
+        A("| step | " + " | ".join("%s workload" % r.get("label", r["workload"]) for r in profs) + " |")
         A("|---|" + "---|" * len(profs))
+        A("| consumer CPU per event (`/proc`) | " + " | ".join(
+            "%s µs" % fmt((r.get("cpu", {}).get("us_per_event") or {}).get("consumers")) for r in profs) + " |")
+
+        def cell(r, v):
+            if v is None:
+                return "–"
+            us = (r.get("cpu", {}).get("us_per_event") or {}).get("consumers")
+            return "%.1f µs (%.1f %%)" % (us * v / 100.0, v) if us else "%.1f %%" % v
         for sym, label in steps:
             vals = [r["inclusive"].get(sym) for r in profs]
             if all(v is None for v in vals):
                 continue
-            A("| %s (`%s`) | %s |" % (label, sym, " | ".join("–" if v is None else "%.1f %%" % v for v in vals)))
+            A("| %s (`%s`) | %s |" % (label.replace("  ", "&nbsp;&nbsp;"), sym,
+                                     " | ".join(cell(r, v) for r, v in zip(profs, vals))))
         A("")
+        before_after(A, res_path, profs)
     for r in runs:
         if r["kind"] != "profile":
+            continue
+        if r.get("reads_author"):
             continue
         A("Profile of one consumer (`perf record -e cpu-clock`, %s workload, %s events, W=1, not part of the "
           "scores), by library and by function (≥ 0.7 %%):" % (r["workload"], fmt(r["events"])))
@@ -510,8 +659,14 @@ def main():
       "(`storyboard_worker.process_event()` under `auto_explain.log_nested_statements`) and turned into two "
       "pgbench scripts (task and story events, and user_comment events with the comment statement first, "
       "weighted as in the published events), so the ceiling runs exactly the SQL `src/subscription.c` runs. Per event "
-      "storyboard_worker additionally resolves the author (one SELECT), runs each plugin in a "
-      "subtransaction and writes its ledger row; those are the extension's own costs and are not in the ceiling.")
+      "storyboard_worker additionally writes its ledger row and runs each plugin in a subtransaction as the "
+      "plugin role; those are the extension's own costs and are not in the ceiling. The plugins are registered "
+      "with `reads_author => false` (neither reads `event.author`), so no author lookup is done.")
+    A("* Acknowledgement: each event commits in its own transaction with `synchronous_commit = off`; its "
+      "delivery is acknowledged (`basic.ack multiple=true`) once the WAL holding its commit record is flushed: "
+      "by the WAL writer, or by the consumer itself when its queue runs dry or half its prefetch window waits. "
+      "The pgbench ceiling commits synchronously, like every event did before; *pgbench async* shows what the "
+      "same SQL reaches when no one waits for a flush.")
     A("* Between runs: the tables written are truncated, the ledger and dead letters emptied, and a CHECKPOINT is "
       "taken, so each run starts alike. Each workload runs the W values in turn, interleaving AMQP, pgbench, "
       "extension and baseline runs for the same W.")

@@ -9,9 +9,14 @@
  * is acknowledge a message before its effects are durable: so the delivery
  * tags wait here, with the end LSN of the commit that holds them, until
  * the WAL is flushed at least that far.  The WAL writer flushes on its own;
- * a consumer whose queue has run dry, or whose prefetch window is filling
- * up, flushes itself up to its newest commit (one fsync for every commit
- * made since, as a group commit would).  This is how PostgreSQL's logical
+ * a consumer whose prefetch window is filling up flushes itself up to its
+ * newest commit (one fsync for every commit made since, as a group commit
+ * would), and so does one whose queue has run dry, unless another consumer
+ * flushed less than SBW_ACK_FLUSH_INTERVAL_US ago: then it waits for the
+ * next turn, by when that flush (or the WAL writer) has most likely made
+ * its commits durable already.  At a moderate rate, with the queues running
+ * dry after nearly every event, that keeps the consumers from paying an
+ * fsync per event and from queueing on WALWriteLock.  This is how PostgreSQL's logical
  * replication apply worker reports progress upstream (worker.c,
  * store_flush_position / get_flush_position), with the broker, which keeps
  * every unacknowledged delivery, as the upstream.
@@ -108,17 +113,39 @@ sbw_sync_rep_wanted(void)
 }
 
 /*
- * How far commits are durable now.  With 'flush', make everything
- * committed so far durable first: flush the WAL, then wait for the
- * synchronous standby if there is one.  InvalidXLogRecPtr: nothing may be
- * acknowledged now (a synchronous standby is not known to have anything
- * yet, or the wait for it was interrupted).
+ * Take the consumers' flush turn if it is free: true if no consumer
+ * flushed for acknowledgements in the last SBW_ACK_FLUSH_INTERVAL_US (and
+ * the turn is now ours).
+ */
+static bool
+sbw_take_flush_turn(void)
+{
+	uint64		last = pg_atomic_read_u64(&sbw_shared->last_ack_flush);
+	uint64		now = (uint64) GetCurrentTimestamp();
+
+	if (now < last + SBW_ACK_FLUSH_INTERVAL_US)
+		return false;
+	return pg_atomic_compare_exchange_u64(&sbw_shared->last_ack_flush, &last, now);
+}
+
+/*
+ * How far commits are durable now, flushing first as 'how' says: flush
+ * the WAL up to the newest commit, then wait for the synchronous standby if
+ * there is one.  InvalidXLogRecPtr: nothing may be acknowledged now (a
+ * synchronous standby is not known to have anything yet, or the wait for
+ * it was interrupted).
  */
 static XLogRecPtr
-sbw_durable_lsn(bool flush)
+sbw_durable_lsn(SbwAckFlush how)
 {
-	if (!flush)
-		return sbw_sync_rep_wanted() ? InvalidXLogRecPtr : GetFlushRecPtr(NULL);
+	bool		sync_rep = sbw_sync_rep_wanted();
+
+	if (how == SBW_ACK_GROUP && !sync_rep && GetFlushRecPtr(NULL) >= newest_lsn)
+		return newest_lsn;		/* flushed already: no turn needed */
+	if (how == SBW_ACK_DURABLE || (how == SBW_ACK_GROUP && !sbw_take_flush_turn()))
+		return sync_rep ? InvalidXLogRecPtr : GetFlushRecPtr(NULL);
+	if (how == SBW_ACK_FLUSH)
+		pg_atomic_write_u64(&sbw_shared->last_ack_flush, (uint64) GetCurrentTimestamp());
 	XLogFlush(newest_lsn);
 	if (sbw_sync_rep_wanted())
 	{
@@ -132,7 +159,7 @@ sbw_durable_lsn(bool flush)
 
 /* See acks.h. */
 bool
-sbw_acks_send(SbwAmqpLink *link, bool flush, char **errmsg)
+sbw_acks_send(SbwAmqpLink *link, SbwAckFlush how, char **errmsg)
 {
 	uint32		waits[SBW_ACK_WAIT_BUCKETS];
 	TimestampTz now;
@@ -145,7 +172,7 @@ sbw_acks_send(SbwAmqpLink *link, bool flush, char **errmsg)
 	*errmsg = NULL;
 	if (pending_head == pending_end)
 		return true;
-	durable = sbw_durable_lsn(flush);
+	durable = sbw_durable_lsn(how);
 	for (i = pending_head; i < pending_end && pending[i].lsn <= durable; i++)
 		last = i;
 	if (last < 0)
@@ -177,10 +204,17 @@ sbw_acks_pending(void)
 }
 
 /* See acks.h. */
-TimestampTz
-sbw_acks_oldest(void)
+long
+sbw_acks_wait_ms(void)
 {
-	return pending_head < pending_end ? pending[pending_head].committed_at : 0;
+	uint64		next;
+	uint64		now;
+
+	if (pending_deliveries == 0)
+		return -1;
+	next = pg_atomic_read_u64(&sbw_shared->last_ack_flush) + SBW_ACK_FLUSH_INTERVAL_US;
+	now = (uint64) GetCurrentTimestamp();
+	return now >= next ? 1 : Max((long) ((next - now + 999) / 1000), 1);
 }
 
 /* See acks.h. */

@@ -23,17 +23,38 @@
 /* Deliveries up to 'tag' committed in a transaction ending at 'lsn'. */
 extern void sbw_acks_committed(uint64 tag, int n, XLogRecPtr lsn);
 
-/*
- * Acknowledge every delivery whose commit is durable.  With 'flush', first
- * flush the WAL up to the newest commit (and wait for a synchronous
- * standby), so that everything committed can be acknowledged.  False, and
- * *errmsg, when the connection is lost.
- */
-extern bool sbw_acks_send(SbwAmqpLink *link, bool flush, char **errmsg);
+/* Whether sbw_acks_send flushes the WAL itself first. */
+typedef enum SbwAckFlush
+{
+	SBW_ACK_DURABLE,			/* no: acknowledge what is durable already */
+	SBW_ACK_GROUP,				/* if no consumer flushed in the last
+								 * SBW_ACK_FLUSH_INTERVAL_US */
+	SBW_ACK_FLUSH,				/* yes (prefetch window filling up, exit) */
+} SbwAckFlush;
 
-/* Committed deliveries not acknowledged yet, and when the oldest committed. */
+/*
+ * The shortest time between two flushes made for acknowledgements, among
+ * all consumers (SBW_ACK_GROUP): every flush covers every commit made
+ * before it, whoever made it, so consumers whose queues run dry one event
+ * at a time share flushes instead of each paying an fsync per event.
+ */
+#define SBW_ACK_FLUSH_INTERVAL_US	2000
+
+/*
+ * Acknowledge every delivery whose commit is durable, after flushing the
+ * WAL up to the newest commit (and waiting for a synchronous standby) as
+ * 'how' says.  False, and *errmsg, when the connection is lost.
+ */
+extern bool sbw_acks_send(SbwAmqpLink *link, SbwAckFlush how, char **errmsg);
+
+/* Committed deliveries not acknowledged yet. */
 extern int	sbw_acks_pending(void);
-extern TimestampTz sbw_acks_oldest(void);
+
+/*
+ * With deliveries pending, how long until a SBW_ACK_GROUP send may flush
+ * (at least 1 ms); -1 when nothing is pending.
+ */
+extern long sbw_acks_wait_ms(void);
 
 /* The connection is gone: the broker redelivers what was not acknowledged. */
 extern void sbw_acks_forget(void);

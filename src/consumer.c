@@ -72,8 +72,6 @@
 /* How often an idle or waiting consumer re-checks its preconditions. */
 #define SBW_IDLE_CHECK_MS	5000
 #define SBW_MIN_BACKOFF_MS	1000
-/* How often acknowledgements that could not go out yet are tried again. */
-#define SBW_ACK_RETRY_MS	20
 /* Deliveries handled before the loop checks interrupts again. */
 #define SBW_DRAIN_LIMIT		500
 /* How often consumer 0 prunes the ledger, backlog or not. */
@@ -103,6 +101,8 @@ typedef struct SbwConsumerState
 	bool		redelivery_locked;
 	SbwLedgerTables tables;		/* as seen by our last transaction */
 	XLogRecPtr	commit_lsn;		/* end of our last commit record */
+	WaitEventSet *wait_set;		/* latch, postmaster death, broker socket */
+	pgsocket	wait_socket;	/* the socket wait_set watches */
 } SbwConsumerState;
 
 static SbwConsumerState cs;
@@ -135,31 +135,66 @@ sbw_note_error(int elevel, const char *msg)
 }
 
 /*
- * Acknowledge what is durable (acks.c); with 'flush', flush the WAL up to
- * the newest commit first, so that everything committed goes.  A
+ * Acknowledge what is durable (acks.c), flushing the WAL up to the newest
+ * commit first as 'how' says, so that everything committed goes.  A
  * connection lost with acknowledgements pending means those messages come
  * back redelivered, and the ledger recognises them.
  */
 static bool
-sbw_send_acks(bool flush)
+sbw_send_acks(SbwAckFlush how)
 {
 	char	   *err = NULL;
 
 	if (cs.link == NULL || sbw_acks_pending() == 0)
 		return true;
-	if (sbw_acks_send(cs.link, flush, &err))
+	if (sbw_acks_send(cs.link, how, &err))
 		return true;
 	sbw_note_error(LOG, psprintf("acknowledgement lost after commit: %s", err));
 	return false;
+}
+
+/* Forget the wait set before the socket it watches closes. */
+static void
+sbw_wait_set_free(void)
+{
+	if (cs.wait_set)
+		FreeWaitEventSet(cs.wait_set);
+	cs.wait_set = NULL;
+}
+
+/*
+ * The wait set of a connected consumer, built once per connection: each
+ * WaitLatchOrSocket call builds an epoll set and closes it again, system
+ * calls that a consumer woken for every message would pay every time.
+ */
+static WaitEventSet *
+sbw_wait_set(pgsocket sock)
+{
+	if (cs.wait_set && cs.wait_socket != sock)
+		sbw_wait_set_free();
+	if (cs.wait_set == NULL)
+	{
+#if PG_VERSION_NUM >= 170000
+		cs.wait_set = CreateWaitEventSet(NULL, 3);
+#else
+		cs.wait_set = CreateWaitEventSet(TopMemoryContext, 3);
+#endif
+		AddWaitEventToSet(cs.wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+		AddWaitEventToSet(cs.wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+		AddWaitEventToSet(cs.wait_set, WL_SOCKET_READABLE, sock, NULL, NULL);
+		cs.wait_socket = sock;
+	}
+	return cs.wait_set;
 }
 
 /* Drop the broker connection (if any), acknowledging what was committed. */
 static void
 sbw_disconnect(void)
 {
+	sbw_wait_set_free();
 	if (cs.link)
 	{
-		(void) sbw_send_acks(true);
+		(void) sbw_send_acks(SBW_ACK_FLUSH);
 		sbw_amqp_close(cs.link, SBW_CLOSE_MS);
 		cs.link = NULL;
 	}
@@ -174,9 +209,10 @@ sbw_disconnect(void)
 static void
 sbw_consumer_exit(int code, Datum arg)
 {
+	sbw_wait_set_free();
 	if (cs.link)
 	{
-		(void) sbw_send_acks(true);
+		(void) sbw_send_acks(SBW_ACK_FLUSH);
 		sbw_amqp_close(cs.link, SBW_CLOSE_MS);
 		cs.link = NULL;
 	}
@@ -640,7 +676,8 @@ static bool
 sbw_committed(uint64 tag, int n)
 {
 	sbw_acks_committed(tag, n, cs.commit_lsn);
-	return sbw_send_acks(sbw_acks_pending() >= Max(sbw_rabbit_prefetch / 2, 1));
+	return sbw_send_acks(sbw_acks_pending() >= Max(sbw_rabbit_prefetch / 2, 1) ?
+						 SBW_ACK_FLUSH : SBW_ACK_DURABLE);
 }
 
 /*
@@ -931,9 +968,11 @@ sbw_drain(void)
 			/*
 			 * The queue has run dry: rather than wait for the WAL writer,
 			 * flush up to our newest commit (one flush for every commit
-			 * since the last) and acknowledge everything.
+			 * since the last) and acknowledge everything, or, if another
+			 * consumer has just flushed, wait for the next turn
+			 * (sbw_connected_timeout).
 			 */
-			if (!sbw_send_acks(true))
+			if (!sbw_send_acks(SBW_ACK_GROUP))
 				return -1;
 			break;
 		}
@@ -1049,8 +1088,8 @@ sbw_go_idle(void)
 /*
  * How long the connected consumer may sleep: at most half a heartbeat
  * interval, so that our heartbeats go out and a silent broker is noticed
- * within two intervals, and a short while when acknowledgements still wait
- * (a synchronous standby that has not confirmed yet).
+ * within two intervals, and only until the next flush turn when
+ * acknowledgements still wait (acks.c).
  */
 static long
 sbw_connected_timeout(void)
@@ -1060,7 +1099,7 @@ sbw_connected_timeout(void)
 
 	timeout_ms = Min(timeout_ms, SBW_IDLE_CHECK_MS);
 	if (sbw_acks_pending() > 0)
-		timeout_ms = Min(timeout_ms, SBW_ACK_RETRY_MS);
+		timeout_ms = Min(timeout_ms, sbw_acks_wait_ms());
 	return timeout_ms;
 }
 
@@ -1125,15 +1164,17 @@ sbw_step(void)
 static void
 sbw_sleep(long timeout_ms)
 {
+	WaitEvent	event;
+
 	if (cs.link && sbw_amqp_socket(cs.link) >= 0)
-		(void) WaitLatchOrSocket(MyLatch,
-								 WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT |
-								 WL_EXIT_ON_PM_DEATH,
-								 sbw_amqp_socket(cs.link), Max(timeout_ms, 1),
-								 PG_WAIT_EXTENSION);
+		(void) WaitEventSetWait(sbw_wait_set(sbw_amqp_socket(cs.link)),
+								Max(timeout_ms, 1), &event, 1, PG_WAIT_EXTENSION);
 	else
+	{
+		sbw_wait_set_free();
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 Max(timeout_ms, 1), PG_WAIT_EXTENSION);
+	}
 	ResetLatch(MyLatch);
 }
 

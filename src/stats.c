@@ -57,6 +57,7 @@ sbw_shmem_init(void)
 	if (!found)
 	{
 		memset(sbw_shared, 0, sizeof(SbwShared));
+		pg_atomic_init_u64(&sbw_shared->last_ack_flush, 0);
 		for (i = 0; i < SBW_MAX_WORKERS; i++)
 			SpinLockInit(&sbw_shared->slots[i].mutex);
 	}

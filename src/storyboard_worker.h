@@ -22,6 +22,7 @@
 
 #include "fmgr.h"
 #include "nodes/pg_list.h"
+#include "port/atomics.h"
 #include "storage/lwlock.h"
 #include "storage/s_lock.h"
 #include "utils/timestamp.h"
@@ -122,6 +123,8 @@ typedef struct SbwWorkerSlot
 typedef struct SbwShared
 {
 	int			launcher_pid;
+	/* when a consumer last flushed the WAL for its acknowledgements (acks.c) */
+	pg_atomic_uint64 last_ack_flush;
 	SbwWorkerSlot slots[SBW_MAX_WORKERS];
 } SbwShared;
 

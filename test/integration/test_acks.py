@@ -89,3 +89,54 @@ def test_acks_wait_for_the_synchronous_standby(cluster, services, metrics):
         cluster.dirty = True
         if standby is not None:
             standby.stop()
+
+
+def _acks(cluster):
+    return cluster.q("SELECT coalesce(sum(messages_acked), 0)::bigint, coalesce(sum(acks_pending), 0)::bigint,"
+                     " max(ack_wait_p99_ms) FROM storyboard_worker.stats")[0]
+
+
+def test_dry_queue_flushes_without_waiting_for_the_wal_writer(cluster, services, publisher, metrics):
+    """Events published one by one leave each consumer's queue dry after every event: the
+    consumer then flushes the WAL up to its newest commit itself and acknowledges, rather
+    than wait for the WAL writer.  With the WAL writer all but asleep (wal_writer_delay 10 s,
+    wal_writer_flush_after 1 GB) and the database's own synchronous_commit off, every event
+    is still acknowledged within a second of its commit (the WAL writer would flush them
+    after 10 s: the test cluster runs with fsync off, but the flush position still moves only
+    when someone asks for a flush)."""
+    try:
+        cluster.execute("ALTER SYSTEM SET wal_writer_delay = '10s'", db="postgres")
+        cluster.execute("ALTER SYSTEM SET wal_writer_flush_after = '1GB'", db="postgres")
+        cluster.execute("ALTER DATABASE %s SET synchronous_commit = off" % sbw.DB, db="postgres")
+        cluster.reload()
+        # consumers read the database's settings when they start
+        cluster.execute("SELECT pg_terminate_backend(pid) FROM storyboard_worker.stats WHERE pid IS NOT NULL")
+        wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.stats WHERE state = 'consuming'")
+                 == cluster.one("SELECT current_setting('storyboard_worker.worker_count')::int"),
+                 30, "consumers back")
+        acked0, _p, _w = _acks(cluster)
+        writes0 = cluster.one("SELECT wal_write FROM pg_stat_wal", db="postgres")
+        prefix = sbw.unique("dry")
+        for p in sbw.publish.bulk_events(20, prefix):
+            publisher.publish(p)
+            time.sleep(0.05)
+        cluster.wait_seen(prefix, 20, timeout=30)
+        t0 = time.monotonic()
+        wait_for(lambda: (a := _acks(cluster)) and a[0] - acked0 >= 20 and a[1] == 0, 10,
+                 "20 acknowledgements, none pending")
+        took = time.monotonic() - t0
+        acked, pending, p99 = _acks(cluster)
+        ready, unacked, _c = services.queue_counts()
+        writes = cluster.one("SELECT wal_write FROM pg_stat_wal", db="postgres") - writes0
+        assert (ready, unacked) == (0, 0)
+        assert took < 2.0, "acknowledged %.1f s after the last commit: waited for the WAL writer" % took
+        assert p99 is not None and p99 < 1000, "commit-to-ack p99 %s ms" % p99
+        metrics.add("acks on a dry queue", "20 events one by one, WAL writer at 10 s, database synchronous_commit "
+                    "off: all acknowledged %.2f s after the last one was seen, commit-to-ack p99 %.2f ms, %d WAL "
+                    "writes" % (took, p99, writes))
+    finally:
+        cluster.execute("ALTER SYSTEM RESET wal_writer_delay", db="postgres")
+        cluster.execute("ALTER SYSTEM RESET wal_writer_flush_after", db="postgres")
+        cluster.execute("ALTER DATABASE %s RESET synchronous_commit" % sbw.DB, db="postgres")
+        cluster.reload()
+        cluster.dirty = True
