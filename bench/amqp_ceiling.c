@@ -437,13 +437,54 @@ typedef struct Shared
 	int			prefetch;
 	int			work_us;
 	int			ack_every;
+	int			latency;		/* note publish-to-delivery latencies */
 	pthread_barrier_t ready;
 } Shared;
 
 typedef struct ThreadResult
 {
 	long		acked;
+	long		nlat;			/* publish-to-delivery latencies (µs) seen */
+	long		caplat;
+	double	   *lat;
 } ThreadResult;
+
+/*
+ * Publish-to-delivery latency of a message from "publish" (its body holds the
+ * publish time): what the broker and the publisher alone add, without any
+ * database work.
+ */
+static void
+note_latency(ThreadResult *res, const amqp_bytes_t *body, double t_recv)
+{
+	const char *mark;
+	char		digits[TS_DIGITS + 1];
+	char		text[4096];
+	size_t		len = body->len < sizeof(text) - 1 ? body->len : sizeof(text) - 1;
+
+	memcpy(text, body->bytes, len);
+	text[len] = '\0';
+	mark = strstr(text, TS_MARK);
+	if (mark == NULL || strlen(mark) < strlen(TS_MARK) + TS_DIGITS)
+		return;
+	memcpy(digits, mark + strlen(TS_MARK), TS_DIGITS);
+	digits[TS_DIGITS] = '\0';
+	if (res->nlat == res->caplat)
+	{
+		res->caplat = res->caplat ? res->caplat * 2 : 4096;
+		res->lat = realloc(res->lat, sizeof(double) * res->caplat);
+	}
+	res->lat[res->nlat++] = t_recv * 1e6 - atof(digits);
+}
+
+static int
+cmp_double(const void *a, const void *b)
+{
+	double		x = *(const double *) a,
+				y = *(const double *) b;
+
+	return (x > y) - (x < y);
+}
 
 static void *
 consumer_thread(void *arg)
@@ -503,6 +544,8 @@ consumer_thread(void *arg)
 		}
 		check_reply(r, "consume");
 		t_recv = now_s();
+		if (sh->latency)
+			note_latency(res, &env.message.body, t_recv);
 		if (sh->work_us > 0)
 		{
 			struct timespec ts = {0, sh->work_us * 1000L};
@@ -535,7 +578,7 @@ consumer_thread(void *arg)
 
 static int
 cmd_consume(const char *url, const char *queue, long count, int consumers, int prefetch,
-			int work_us, int ack_every)
+			int work_us, int ack_every, int latency)
 {
 	Shared		sh;
 	pthread_t  *threads = calloc(consumers, sizeof(pthread_t));
@@ -551,18 +594,41 @@ cmd_consume(const char *url, const char *queue, long count, int consumers, int p
 	sh.prefetch = prefetch;
 	sh.work_us = work_us;
 	sh.ack_every = ack_every > 0 ? ack_every : 1;
+	sh.latency = latency;
 	t0 = now_s();
 	for (i = 0; i < consumers; i++)
 		pthread_create(&threads[i], NULL, consumer_thread, &sh);
-	printf("{\"consumers\": %d, \"prefetch\": %d, \"per_consumer\": [", consumers, prefetch);
+	long	   *acked = calloc(consumers, sizeof(long));
+	long		nlat = 0;
+	double	   *lat = NULL;
+
 	for (i = 0; i < consumers; i++)
 	{
 		void	   *ret;
+		ThreadResult *tr;
 
 		pthread_join(threads[i], &ret);
-		printf("%s%ld", i ? ", " : "", ((ThreadResult *) ret)->acked);
+		tr = ret;
+		acked[i] = tr->acked;
+		lat = realloc(lat, sizeof(double) * (nlat + tr->nlat + 1));
+		memcpy(lat + nlat, tr->lat, sizeof(double) * tr->nlat);
+		nlat += tr->nlat;
+		free(tr->lat);
 		free(ret);
 	}
+	printf("{\"consumers\": %d, \"prefetch\": %d, ", consumers, prefetch);
+	if (nlat > 0)
+	{
+		qsort(lat, nlat, sizeof(double), cmp_double);
+		printf("\"latency_ms\": {\"n\": %ld, \"p50\": %.3f, \"p99\": %.3f, \"p999\": %.3f, \"max\": %.3f}, ",
+			   nlat, lat[nlat / 2] / 1e3, lat[(long) (nlat * 0.99)] / 1e3,
+			   lat[(long) (nlat * 0.999)] / 1e3, lat[nlat - 1] / 1e3);
+	}
+	printf("\"per_consumer\": [");
+	for (i = 0; i < consumers; i++)
+		printf("%s%ld", i ? ", " : "", acked[i]);
+	free(acked);
+	free(lat);
 	printf("], \"acked\": %ld, \"start\": %.6f, \"first_delivery\": %.6f, \"last_ack\": %.6f,"
 		   " \"rate\": %.1f, \"rate_from_start\": %.1f}\n",
 		   sh.acked, t0, sh.first_delivery, sh.last_ack,
@@ -581,13 +647,14 @@ main(int argc, char **argv)
 						   argc >= 7 ? atof(argv[6]) : 0.0);
 	if (argc >= 7 && strcmp(argv[1], "consume") == 0)
 		return cmd_consume(argv[2], argv[3], atol(argv[4]), atoi(argv[5]), atoi(argv[6]),
-						   argc >= 8 ? atoi(argv[7]) : 0, argc >= 9 ? atoi(argv[8]) : 1);
+						   argc >= 8 ? atoi(argv[7]) : 0, argc >= 9 ? atoi(argv[8]) : 1,
+						   argc >= 10 ? atoi(argv[9]) : 0);
 	if (argc >= 4 && strcmp(argv[1], "count") == 0)
 		return cmd_count(argv[2], argv[3]);
 	fprintf(stderr,
 			"usage: amqp_ceiling declare URL EXCHANGE QUEUE\n"
 			"       amqp_ceiling publish URL EXCHANGE FILE COUNT [RATE]\n"
-			"       amqp_ceiling consume URL QUEUE COUNT CONSUMERS PREFETCH [WORK_US [ACK_EVERY]]\n"
+			"       amqp_ceiling consume URL QUEUE COUNT CONSUMERS PREFETCH [WORK_US [ACK_EVERY [LATENCY]]]\n"
 			"       amqp_ceiling count URL QUEUE\n");
 	return 2;
 }

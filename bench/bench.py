@@ -858,6 +858,35 @@ def latency_run(conn, workload, w, rate, path, plugins, basis="concurrent", secs
     return run
 
 
+def broker_floor_run(conn, w, rate, path):
+    """The latency the broker and the publisher add on their own: the same paced publishing as
+    latency_run, consumed by w bare AMQP connections (bench/amqp_ceiling consume, acknowledging
+    with multiple=true every 20 deliveries or when the queue runs dry), no database work."""
+    n = max(100, int(rate * CFG["latency_secs"]))
+    log("broker floor W=%d: %d events at %.0f msg/s, bare AMQP consumers" % (w, n, rate))
+    set_conf(conn, enable_notifications="off")
+    purge()
+    quiet = wait_quiet()
+    cons = subprocess.Popen([AMQP_TOOL, "consume", AMQP_URL, QUEUE, str(n), str(w), str(PREFETCH), "0", "20", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    snap0 = cpu_snapshot()
+    pub = amqp("publish", AMQP_URL, EXCHANGE, path, n, "%.3f" % rate)
+    cpu = cpu_usage(snap0, cpu_snapshot())
+    out, err = cons.communicate(timeout=120)
+    if cons.returncode != 0:
+        raise RuntimeError("amqp_ceiling consume failed: %s" % err.strip())
+    res = json.loads(out)
+    lat = res.get("latency_ms") or {}
+    run = {"kind": "broker_floor", "workers": w, "target_rate": rate, "events": n, "publish": pub,
+           "p50_ms": lat.get("p50"), "p99_ms": lat.get("p99"), "p999_ms": lat.get("p999"),
+           "max_ms": lat.get("max"), "cpu": cpu, "quiet": quiet}
+    log("  -> p50 %s ms p99 %s ms max %s ms" % (lat.get("p50"), lat.get("p99"), lat.get("max")))
+    RESULTS["runs"].append(run)
+    save()
+    return run
+
+
 def idle_run(conn, w):
     log("idle CPU: %d consumers, empty queue, %d s" % (w, CFG["idle_secs"]))
     set_conf(conn, enable_notifications="off", worker_count=w)
@@ -1070,6 +1099,7 @@ def main():
                         probe["publish"].get("rate") or conc["rate"])
             retried(latency_run, conn, workload, best["workers"], paced / 2.0, path, plugins,
                     basis="concurrent")
+            retried(broker_floor_run, conn, best["workers"], paced / 2.0, path)
             # half the streamed peak (the earlier definition of half load), when that is higher
             if conc["rate"] / 2.0 > paced / 2.0 * 1.05:
                 retried(latency_run, conn, workload, best["workers"], conc["rate"] / 2.0, path, plugins,

@@ -232,10 +232,14 @@ def main():
                  "running) were kept up with at %s ev/s" % (fmt(conc.get("rate")) if conc else "?",
                                                             fmt(2 * head["target_rate"]))) if probe else \
             "half the peak with the publisher running (%s ev/s)" % (fmt(conc.get("rate")) if conc else "?")
+        floor = next((r for r in runs if r["kind"] == "broker_floor" and r.get("p99_ms") is not None
+                      and abs(r["target_rate"] - head["target_rate"]) < 1), None)
+        floor_txt = ("; bare AMQP consumers, no database, same publishing (the broker and the publisher "
+                     "alone): p99 %.2f ms" % floor["p99_ms"]) if floor else ""
         targets.append(("p99 publish-to-commit latency at half load ≤ 10 ms (%s workload)" % wl,
-                        "p99 %.2f ms (p50 %.2f ms) at %s ev/s = %s, W=%d%s"
+                        "p99 %.2f ms (p50 %.2f ms) at %s ev/s = %s, W=%d%s%s"
                         % (head["p99_ms"], head["p50_ms"], fmt(head["target_rate"]), basis, head["workers"],
-                           "".join(other(r) for r in others)),
+                           "".join(other(r) for r in others), floor_txt),
                         "%.2f ms" % head["p99_ms"], head["p99_ms"] <= TARGETS["p99_ms"]))
         if head.get("ack_wait_p99_ms") is not None:
             bound = head["p99_ms"] + head["ack_wait_p99_ms"]
@@ -503,6 +507,22 @@ def main():
             c.get("steal_cores", 0),
             c.get("other_cores", 0)))
     A("")
+    floors = [r for r in runs if r["kind"] == "broker_floor" and r.get("p99_ms") is not None]
+    if floors:
+        A("What the broker and the publisher add on their own: the same publishing at the headline rate, "
+          "consumed by W bare AMQP connections (`bench/amqp_ceiling consume`, prefetch %d, acknowledging with "
+          "multiple=true every 20 deliveries or when the queue runs dry), no database; latency = delivery time − "
+          "publish time." % 100)
+        A("")
+        A("| W | rate (target / achieved) | p50 | p99 | p99.9 | max | CPU in use (ours + others) |")
+        A("|---|---|---|---|---|---|---|")
+        for r in floors:
+            c = r.get("cpu", {})
+            A("| %d | %s / %s msg/s | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %.2f of %s cores |" % (
+                r["workers"], fmt(r["target_rate"]), fmt(r["publish"]["rate"]), r["p50_ms"], r["p99_ms"],
+                r["p999_ms"], r["max_ms"], c.get("bench_cores", 0) + c.get("kernel_cores", 0) + c.get("other_cores", 0),
+                res.get("machine", {}).get("nproc", "?")))
+        A("")
     A("## Idle CPU")
     A("")
     for r in idle:
