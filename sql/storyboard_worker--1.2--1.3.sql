@@ -12,7 +12,7 @@ CREATE FUNCTION storyboard_worker.key_1_2_to_1_3(old bytea) RETURNS uuid
 	SET search_path = pg_catalog, pg_temp
 	AS $$
 SELECT pg_catalog.encode(
-	CASE WHEN pg_catalog.substring(old, 1, 2) OPERATOR(pg_catalog.=) '\x643a'::pg_catalog.bytea
+	CASE WHEN pg_catalog.substring(old, 1, 2) OPERATOR(pg_catalog.=) 'd:'::pg_catalog.bytea
 		 THEN pg_catalog.substring(old, 3, 16)
 		 ELSE pg_catalog.substring(pg_catalog.sha256(old), 1, 16) END,
 	'hex')::pg_catalog.uuid

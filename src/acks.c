@@ -23,9 +23,11 @@
  *
  * With synchronous replication (synchronous_standby_names set and
  * synchronous_commit above local), a commit is as durable as promised only
- * once a standby has it: a forced flush also waits for that
- * (SyncRepWaitForLSN, as COMMIT itself does), and only forced flushes
- * acknowledge.
+ * once the standbys have confirmed it as synchronous_commit asks: the
+ * acknowledgements then follow what the walsenders publish as confirmed,
+ * looked at every few milliseconds, rather than waiting inside
+ * SyncRepWaitForLSN as a COMMIT does (that wait would stop heartbeats, and
+ * a cancel ends it without the standby's word).
  *
  * Acknowledgements go out in delivery order with basic.ack multiple=true:
  * one frame for every prefix of durable commits.
@@ -39,10 +41,15 @@
 #include "miscadmin.h"
 #include "replication/syncrep.h"
 #include "replication/walsender.h"
+#include "replication/walsender_private.h"
+#include "storage/lwlock.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "acks.h"
+
+/* How often acknowledgements waiting for a synchronous standby look again. */
+#define SBW_ACK_STANDBY_POLL_MS	5
 #include "storyboard_worker.h"
 
 /* Committed deliveries waiting for their commit to be durable. */
@@ -102,8 +109,8 @@ sbw_acks_committed(uint64 tag, int n, XLogRecPtr lsn)
 
 /*
  * Does a commit count as durable only once a synchronous standby has it?
- * (SyncRepWaitForLSN returns at once otherwise, but it is cheaper not to
- * ask.)
+ * As SyncRepWaitForLSN decides, from the consumer's own synchronous_commit
+ * (a plugin's SET ends with its call).
  */
 static bool
 sbw_sync_rep_wanted(void)
@@ -115,7 +122,8 @@ sbw_sync_rep_wanted(void)
 /*
  * Take the consumers' flush turn if it is free: true if no consumer
  * flushed for acknowledgements in the last SBW_ACK_FLUSH_INTERVAL_US (and
- * the turn is now ours).
+ * the turn is now ours).  A turn dated in the future (the clock was set
+ * back) counts as free.
  */
 static bool
 sbw_take_flush_turn(void)
@@ -123,38 +131,82 @@ sbw_take_flush_turn(void)
 	uint64		last = pg_atomic_read_u64(&sbw_shared->last_ack_flush);
 	uint64		now = (uint64) GetCurrentTimestamp();
 
-	if (now < last + SBW_ACK_FLUSH_INTERVAL_US)
+	if (now < last + SBW_ACK_FLUSH_INTERVAL_US && last <= now + SBW_ACK_FLUSH_INTERVAL_US)
 		return false;
 	return pg_atomic_compare_exchange_u64(&sbw_shared->last_ack_flush, &last, now);
 }
 
 /*
- * How far commits are durable now, flushing first as 'how' says: flush
- * the WAL up to the newest commit, then wait for the synchronous standby if
- * there is one.  InvalidXLogRecPtr: nothing may be acknowledged now (a
- * synchronous standby is not known to have anything yet, or the wait for
- * it was interrupted).
+ * Whether the walsenders work with synchronous standbys (caller holds
+ * SyncRepLock).  Recent minor releases (15.20 here) turned the flag into a
+ * status with an "initialized" bit (SYNC_STANDBY_DEFINED tells them apart).
+ */
+static bool
+sbw_sync_standbys_defined(void)
+{
+#ifdef SYNC_STANDBY_DEFINED
+	return (WalSndCtl->sync_standbys_status & SYNC_STANDBY_DEFINED) != 0;
+#else
+	return WalSndCtl->sync_standbys_defined;
+#endif
+}
+
+/*
+ * How far the synchronous standbys have confirmed our WAL in the sense our
+ * synchronous_commit asks for (written, flushed or applied there): what
+ * the walsenders publish for SyncRepWaitForLSN to compare with (its wait
+ * mode is private to syncrep.c, so it is derived here the same way).
+ * Nothing while the standbys are not known to be defined yet.
+ */
+static XLogRecPtr
+sbw_standby_confirmed_lsn(void)
+{
+	int			mode;
+	XLogRecPtr	lsn;
+
+	switch (synchronous_commit)
+	{
+		case SYNCHRONOUS_COMMIT_REMOTE_WRITE:
+			mode = SYNC_REP_WAIT_WRITE;
+			break;
+		case SYNCHRONOUS_COMMIT_REMOTE_APPLY:
+			mode = SYNC_REP_WAIT_APPLY;
+			break;
+		default:
+			mode = SYNC_REP_WAIT_FLUSH;
+			break;
+	}
+	LWLockAcquire(SyncRepLock, LW_SHARED);
+	lsn = sbw_sync_standbys_defined() ? WalSndCtl->lsn[mode] : InvalidXLogRecPtr;
+	LWLockRelease(SyncRepLock);
+	return lsn;
+}
+
+/*
+ * How far commits are durable now, flushing first as 'how' says.  Under
+ * synchronous replication that is what the standbys confirmed: the
+ * consumer flushes its WAL (so that the walsenders send it) but never
+ * waits in SyncRepWaitForLSN; it polls (sbw_acks_wait_ms), and meanwhile
+ * keeps consuming up to its prefetch window, sending heartbeats and
+ * answering SIGTERM and cancels as usual.
  */
 static XLogRecPtr
 sbw_durable_lsn(SbwAckFlush how)
 {
 	bool		sync_rep = sbw_sync_rep_wanted();
+	XLogRecPtr	durable = sync_rep ? sbw_standby_confirmed_lsn() : GetFlushRecPtr(NULL);
 
-	if (how == SBW_ACK_GROUP && !sync_rep && GetFlushRecPtr(NULL) >= newest_lsn)
-		return newest_lsn;		/* flushed already: no turn needed */
-	if (how == SBW_ACK_DURABLE || (how == SBW_ACK_GROUP && !sbw_take_flush_turn()))
-		return sync_rep ? InvalidXLogRecPtr : GetFlushRecPtr(NULL);
-	if (how == SBW_ACK_FLUSH)
-		pg_atomic_write_u64(&sbw_shared->last_ack_flush, (uint64) GetCurrentTimestamp());
-	XLogFlush(newest_lsn);
-	if (sbw_sync_rep_wanted())
+	if (durable >= newest_lsn || how == SBW_ACK_DURABLE)
+		return durable;
+	if (GetFlushRecPtr(NULL) < newest_lsn)
 	{
-		SyncRepWaitForLSN(newest_lsn, true);
-		/* a cancel or a shutdown ends the wait without the standby's word */
-		if (ProcDiePending || QueryCancelPending)
-			return InvalidXLogRecPtr;
+		if (how == SBW_ACK_GROUP && !sbw_take_flush_turn())
+			return durable;
+		if (how == SBW_ACK_FLUSH)
+			pg_atomic_write_u64(&sbw_shared->last_ack_flush, (uint64) GetCurrentTimestamp());
+		XLogFlush(newest_lsn);
 	}
-	return newest_lsn;
+	return sync_rep ? sbw_standby_confirmed_lsn() : newest_lsn;
 }
 
 /* See acks.h. */
@@ -173,6 +225,8 @@ sbw_acks_send(SbwAmqpLink *link, SbwAckFlush how, char **errmsg)
 	if (pending_head == pending_end)
 		return true;
 	durable = sbw_durable_lsn(how);
+	if (XLogRecPtrIsInvalid(durable))
+		return true;			/* nothing confirmed yet */
 	for (i = pending_head; i < pending_end && pending[i].lsn <= durable; i++)
 		last = i;
 	if (last < 0)
@@ -212,9 +266,13 @@ sbw_acks_wait_ms(void)
 
 	if (pending_deliveries == 0)
 		return -1;
+	if (sbw_sync_rep_wanted() && GetFlushRecPtr(NULL) >= newest_lsn)
+		return SBW_ACK_STANDBY_POLL_MS; /* flushed: the standby's turn */
 	next = pg_atomic_read_u64(&sbw_shared->last_ack_flush) + SBW_ACK_FLUSH_INTERVAL_US;
 	now = (uint64) GetCurrentTimestamp();
-	return now >= next ? 1 : Max((long) ((next - now + 999) / 1000), 1);
+	if (now >= next || next > now + 2 * SBW_ACK_FLUSH_INTERVAL_US)
+		return 1;
+	return Max((long) ((next - now + 999) / 1000), 1);
 }
 
 /* See acks.h. */

@@ -29,7 +29,8 @@ typedef enum SbwAckFlush
 	SBW_ACK_DURABLE,			/* no: acknowledge what is durable already */
 	SBW_ACK_GROUP,				/* if no consumer flushed in the last
 								 * SBW_ACK_FLUSH_INTERVAL_US */
-	SBW_ACK_FLUSH,				/* yes (prefetch window filling up, exit) */
+	SBW_ACK_FLUSH,				/* yes (prefetch window filling up,
+								 * disconnecting, exiting) */
 } SbwAckFlush;
 
 /*

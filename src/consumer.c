@@ -3,9 +3,9 @@
  * consumer.c
  *		One consumer: wait, drain, dispatch, commit, acknowledge, back off.
  *
- * The loop waits on its latch and the broker's socket together
- * (WaitLatchOrSocket), so SIGTERM, reloads and ProcSignalBarriers (DROP
- * DATABASE elsewhere) are served at once, and never blocks inside
+ * The loop waits on its latch and the broker's socket together (one wait
+ * event set per connection), so SIGTERM, reloads and ProcSignalBarriers
+ * (DROP DATABASE elsewhere) are served at once, and never blocks inside
  * librabbitmq: every library call is non-blocking or bounded.
  *
  * States (shown in storyboard_worker.stats):
@@ -414,15 +414,21 @@ sbw_begin(const char *activity)
 /*
  * Commit, and flush the WAL up to the commit record before going on: for
  * the redelivery count, which must survive the crash it is there to count,
- * and the notes kept with it.
+ * and the notes kept with it.  synchronous_commit = local: whatever the
+ * session says, flushed here (not off), and never waiting for a
+ * synchronous standby, which this bookkeeping does not need (no delivery
+ * is acknowledged on it) and which would hold the consumer inside COMMIT
+ * while the standby is away.
  */
 static void
 sbw_commit_durably(void)
 {
 	SPI_finish();
 	PopActiveSnapshot();
+	(void) set_config_option("synchronous_commit", "local", PGC_USERSET,
+							 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
 	CommitTransactionCommand();
-	XLogFlush(XactLastCommitEnd);
+	XLogFlush(XactLastCommitEnd);	/* a transaction without an xid */
 }
 
 /*
@@ -431,12 +437,21 @@ sbw_commit_durably(void)
  * once the WAL is flushed that far (acks.c), whatever synchronous_commit
  * the database, a role or a plugin set (a plugin's settings end with its
  * call; this SET LOCAL is outside all of them and ends with the commit).
+ *
+ * A transaction that wrote nothing (a redelivered message found in the
+ * ledger) would write no commit record, and XactLastCommitEnd would still
+ * be our previous commit's: but the effects it acknowledges are another
+ * transaction's, committed before we saw them, perhaps by another consumer
+ * and not yet flushed.  Taking a transaction id makes it write a commit
+ * record, after theirs, so that durable up to ours means durable up to
+ * theirs.
  */
 static XLogRecPtr
 sbw_commit_async(void)
 {
 	SPI_finish();
 	PopActiveSnapshot();
+	(void) GetTopTransactionId();
 	(void) set_config_option("synchronous_commit", "off", PGC_USERSET,
 							 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
 	CommitTransactionCommand();

@@ -575,8 +575,11 @@ sbw_decode_message(SbwDispatch *d, const SbwMessage *msg, SbwEvent *ev)
 	return true;
 }
 
-/* sbw_dispatch with the plugin set pinned. */
-static void
+/*
+ * sbw_dispatch with the plugin set pinned.  Not inlined into sbw_dispatch,
+ * whose PG_TRY would otherwise put these locals at the mercy of longjmp.
+ */
+pg_noinline static void
 sbw_dispatch_with(SbwDispatch *d, const SbwMessage *msg, SbwPluginSet *set)
 {
 	SbwEvent	ev;

@@ -73,15 +73,48 @@ def test_acks_wait_for_the_synchronous_standby(cluster, services, metrics):
             % (ready, unacked)
         assert on_standby_paused == 0
 
+        # a cancelled wait for the standby acknowledges nothing it has not confirmed
+        cluster.execute("SELECT pg_cancel_backend(pid) FROM storyboard_worker.stats WHERE pid IS NOT NULL")
+        time.sleep(1.5)
+        ready, unacked, _c = services.queue_counts()
+        assert ready + unacked == 30, "acknowledged after pg_cancel_backend: ready %d unacked %d" % (ready, unacked)
+
+        # consumers terminated while waiting exit at once, without acknowledging; their
+        # successors find the redelivered messages in the ledger, and acknowledge those
+        # duplicates only once the standby has the commits they found
+        old_pids = [r[0] for r in cluster.q("SELECT pid FROM storyboard_worker.stats WHERE pid IS NOT NULL")]
+        t0 = time.monotonic()
+        cluster.execute("SELECT pg_terminate_backend(pid) FROM storyboard_worker.stats WHERE pid IS NOT NULL")
+        wait_for(lambda: not any(os.path.exists("/proc/%d" % p) for p in old_pids), 10,
+                 "terminated consumers gone while the standby is stopped")
+        exit_s = time.monotonic() - t0
+        wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.stats WHERE state = 'consuming'")
+                 == len(old_pids), 30, "consumers back")
+        try:
+            wait_for(lambda: cluster.one("SELECT coalesce(sum(messages_duplicates), 0) FROM storyboard_worker.stats")
+                     >= committed, 30, "the committed events redelivered and found in the ledger")
+        except AssertionError as e:
+            raise AssertionError("%s; consumers: %s; queue %s" % (e, cluster.q(
+                "SELECT s.worker_id, s.state, s.messages_received, s.messages_processed, s.messages_redelivered,"
+                " s.messages_duplicates, s.acks_pending, s.last_error, a.wait_event_type, a.wait_event, a.query"
+                " FROM storyboard_worker.stats s LEFT JOIN pg_stat_activity a USING (pid)"), services.queue_counts()))
+        time.sleep(1.5)
+        ready, unacked, _c = services.queue_counts()
+        assert ready + unacked == 30, "a duplicate acknowledged before the standby had the commit it found: " \
+            "ready %d unacked %d" % (ready, unacked)
+
         os.kill(walreceiver, signal.SIGCONT)
         walreceiver = None
         cluster.wait_seen(p2, 30, timeout=30)
         g_util.queue_drained(services)
         wait_for(lambda: _on_standby(sb, keys2) == 30, 30, "30 ledger rows on the standby")
+        assert cluster.seen(p2) == (30, 30)
         metrics.add("synchronous standby", "50 events acknowledged and on the standby; WAL receiver stopped: "
                     "%d of 30 events committed on the primary, 0 on the standby, %d acknowledged (queue: %d ready, "
-                    "%d unacked; %d committed deliveries held); resumed: 30 acknowledged, 30 on the standby"
-                    % (committed, 30 - ready - unacked, ready, unacked, held))
+                    "%d unacked; %d committed deliveries held); pg_cancel_backend: none acknowledged; "
+                    "pg_terminate_backend: consumers gone in %.2f s, their duplicates not acknowledged; "
+                    "resumed: 30 acknowledged, 30 on the standby, each applied once"
+                    % (committed, 30 - ready - unacked, ready, unacked, held, exit_s))
     finally:
         if walreceiver is not None:
             g_util.sigcont_safe(walreceiver)
@@ -110,10 +143,13 @@ def test_dry_queue_flushes_without_waiting_for_the_wal_writer(cluster, services,
         cluster.execute("ALTER DATABASE %s SET synchronous_commit = off" % sbw.DB, db="postgres")
         cluster.reload()
         # consumers read the database's settings when they start
+        old_pids = [r[0] for r in cluster.q("SELECT pid FROM storyboard_worker.stats WHERE pid IS NOT NULL")]
         cluster.execute("SELECT pg_terminate_backend(pid) FROM storyboard_worker.stats WHERE pid IS NOT NULL")
-        wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.stats WHERE state = 'consuming'")
+        wait_for(lambda: not any(os.path.exists("/proc/%d" % p) for p in old_pids), 10, "consumers gone")
+        wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.stats WHERE state = 'consuming'"
+                                     " AND pid <> ALL(%s)", (old_pids,))
                  == cluster.one("SELECT current_setting('storyboard_worker.worker_count')::int"),
-                 30, "consumers back")
+                 30, "new consumers consuming")
         acked0, _p, _w = _acks(cluster)
         writes0 = cluster.one("SELECT wal_write FROM pg_stat_wal", db="postgres")
         prefix = sbw.unique("dry")
@@ -122,8 +158,14 @@ def test_dry_queue_flushes_without_waiting_for_the_wal_writer(cluster, services,
             time.sleep(0.05)
         cluster.wait_seen(prefix, 20, timeout=30)
         t0 = time.monotonic()
-        wait_for(lambda: (a := _acks(cluster)) and a[0] - acked0 >= 20 and a[1] == 0, 10,
-                 "20 acknowledgements, none pending")
+        try:
+            wait_for(lambda: (a := _acks(cluster)) and a[0] - acked0 >= 20 and a[1] == 0, 10,
+                     "20 acknowledgements, none pending")
+        except AssertionError as e:
+            raise AssertionError("%s; acked before %s; consumers: %s; queue %s" % (e, acked0, cluster.q(
+                "SELECT s.worker_id, s.pid, s.state, s.messages_received, s.messages_processed, s.messages_acked,"
+                " s.acks_pending, s.last_error, a.wait_event_type, a.wait_event, a.query"
+                " FROM storyboard_worker.stats s LEFT JOIN pg_stat_activity a USING (pid)"), services.queue_counts()))
         took = time.monotonic() - t0
         acked, pending, p99 = _acks(cluster)
         ready, unacked, _c = services.queue_counts()
