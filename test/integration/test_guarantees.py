@@ -77,8 +77,8 @@ def _fault_run(cluster, services, pglog, metrics, name, inject, message_ids=Fals
         ledger = g_util.ledger_rows(cluster, msgs)
         dead = g_util.dead_letters_like(cluster, '"key=%s-' % prefix)
         metrics.add("fault %s" % name,
-                    "published %d persistent (%.1fs), %d applied at the fault, %d of them committed but not "
-                    "acknowledged (WAL not flushed yet); after: %d rows, %d distinct, "
+                    "published %d persistent (%.1fs), %d applied at the fault, %d of them committed but not yet "
+                    "acknowledged (waiting for their WAL flush); after: %d rows, %d distinct, "
                     "%d content mismatches, %d applied from a redelivery, duplicates skipped (stats) %d, "
                     "redelivered (stats) %d, ledger rows %d, dead letters %d; all applied %.1fs after the fault%s"
                     % (n, pub_secs, at_fault, unacked, rows, distinct, len(bad), redelivered,
