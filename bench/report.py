@@ -92,7 +92,7 @@ def before_after(A, res_path, profs):
          profile_us(o, "sbw_ledger_key"), profile_us(n, "sbw_ledger_key")),
         ("ledger claim, INSERT … ON CONFLICT DO NOTHING on that key (`sbw_ledger_claim`)",
          profile_us(o, "sbw_ledger_claim"), profile_us(n, "sbw_ledger_claim")),
-        ("author lookup and its subtransaction: always in 1.2; in 1.3 only when an enabled plugin reads "
+        ("author lookup and its subtransaction: always in 1.2; in 1.3 only when a registered plugin reads "
          "`event.author` (`sbw_build_event_guarded` − `jsonb_in`; the *author read* run in brackets)",
          profile_us(o, "sbw_build_event_guarded", minus=("jsonb_in",)),
          profile_us(n, "sbw_build_event_guarded", minus=("jsonb_in",))),
