@@ -15,7 +15,11 @@ OBJS = \
 	src/namecache.o \
 	src/scope.o \
 	src/util.o \
-	src/subscription.o
+	src/subscription.o \
+	src/render.o \
+	src/email.o \
+	src/smtp.o \
+	src/mailer.o
 
 EXTENSION = storyboard_worker
 # storyboard_worker--1.0.sql + the upgrade scripts: CREATE EXTENSION of the
@@ -29,9 +33,9 @@ REGRESS = $(sort $(filter-out storyboard_worker--%,$(basename $(notdir $(wildcar
 REGRESS_OPTS = --inputdir=. --load-extension=plpgsql --encoding=UTF8
 
 PKG_CONFIG ?= pkg-config
-PG_CPPFLAGS = -Isrc $(shell $(PKG_CONFIG) --cflags librabbitmq json-c openssl) -Wall -Wextra -Werror \
+PG_CPPFLAGS = -Isrc $(shell $(PKG_CONFIG) --cflags librabbitmq json-c openssl libcurl) -Wall -Wextra -Werror \
 	-Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
-SHLIB_LINK = $(shell $(PKG_CONFIG) --libs librabbitmq json-c openssl)
+SHLIB_LINK = $(shell $(PKG_CONFIG) --libs librabbitmq json-c openssl libcurl)
 
 # No JIT bitcode: nothing here is worth inlining into queries.
 override with_llvm = no

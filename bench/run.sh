@@ -56,7 +56,7 @@ FIRST_W=${FIRST_W%% *}
 if [ "${SKIP_APT:-0}" != 1 ]; then
 	step "installing packages"
 	export DEBIAN_FRONTEND=noninteractive
-	pkgs="postgresql-15 postgresql-server-dev-15 librabbitmq-dev libjson-c-dev rabbitmq-server amqp-tools
+	pkgs="postgresql-15 postgresql-server-dev-15 librabbitmq-dev libjson-c-dev libcurl4-openssl-dev rabbitmq-server amqp-tools
 		python3-pika python3-psycopg2 python3-matplotlib pkg-config gcc make iproute2 util-linux procps"
 	# shellcheck disable=SC2086
 	missing=$(dpkg-query -W -f '${Package} ${db:Status-Status}\n' $pkgs 2>&1 | grep -v ' installed$' || true)

@@ -1,7 +1,7 @@
 -- Upgrade paths: an installed 1.0, 1.1 or 1.2 updated with ALTER EXTENSION
 -- ... UPDATE keeps its registrations, dead letters and ledger and ends with
 -- the same objects, privileges and function definitions as CREATE EXTENSION
--- of the default version (1.3).
+-- of the default version (1.4).
 SET client_min_messages = warning;
 CREATE EXTENSION storyboard_worker VERSION '1.0';
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
@@ -30,6 +30,11 @@ CREATE TEMP TABLE objects_12_upgraded AS
 INSERT INTO storyboard_worker.ledger (message_key) VALUES
   ('m:' || convert_to('id-42', 'UTF8')),
   ('d:'::bytea || sha256(convert_to('task', 'UTF8') || '\x00'::bytea || convert_to('{"a": 1}', 'UTF8')));
+ALTER EXTENSION storyboard_worker UPDATE TO '1.3';
+CREATE TEMP TABLE objects_13_upgraded AS
+  SELECT pg_describe_object(classid, objid, objsubid) AS object
+    FROM pg_depend WHERE refclassid = 'pg_extension'::regclass
+     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'storyboard_worker');
 ALTER EXTENSION storyboard_worker UPDATE;
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
 SELECT message_key FROM storyboard_worker.ledger ORDER BY 1;
@@ -66,10 +71,18 @@ SELECT object FROM objects_11_upgraded EXCEPT SELECT object FROM objects_10_upgr
 -- what 1.2 added
 SELECT object FROM objects_12_upgraded EXCEPT SELECT object FROM objects_11_upgraded ORDER BY 1;
 -- what 1.3 added or replaced
-(SELECT 'added' AS change, object FROM objects_fresh EXCEPT SELECT 'added', object FROM objects_12_upgraded)
+(SELECT 'added' AS change, object FROM objects_13_upgraded EXCEPT SELECT 'added', object FROM objects_12_upgraded)
 UNION ALL
-(SELECT 'gone', object FROM objects_12_upgraded EXCEPT SELECT 'gone', object FROM objects_fresh)
+(SELECT 'gone', object FROM objects_12_upgraded EXCEPT SELECT 'gone', object FROM objects_13_upgraded)
 ORDER BY 1, 2;
+-- what 1.4 added (email)
+(SELECT 'added' AS change, object FROM objects_fresh EXCEPT SELECT 'added', object FROM objects_13_upgraded)
+UNION ALL
+(SELECT 'gone', object FROM objects_13_upgraded EXCEPT SELECT 'gone', object FROM objects_fresh)
+ORDER BY 1, 2;
+-- an operator's templates are configuration: pg_dump keeps their rows, and
+-- no update script touches them
+SELECT extconfig::regclass[] FROM pg_extension WHERE extname = 'storyboard_worker';
 -- same privileges
 SELECT a.relname FROM acl_upgraded a JOIN pg_class c ON c.relname = a.relname
    AND c.relnamespace = 'storyboard_worker'::regnamespace
@@ -83,7 +96,7 @@ SELECT f.fn FROM functions_upgraded f
 SELECT prosecdef, proconfig FROM pg_proc
  WHERE oid = 'storyboard_worker.forget_dropped_plugins()'::regprocedure;
 DROP EXTENSION storyboard_worker CASCADE;
--- 1.1 -> 1.3 and 1.2 -> 1.3 as well
+-- 1.1 -> 1.4 and 1.2 -> 1.4 as well
 CREATE EXTENSION storyboard_worker VERSION '1.2';
 ALTER EXTENSION storyboard_worker UPDATE;
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';

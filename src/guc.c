@@ -45,17 +45,182 @@ int			sbw_batch_size = 1;
 int			sbw_ledger_retention = 7 * 24 * 3600;
 char	   *sbw_role = NULL;
 
+bool		sbw_email_enable = false;
+char	   *sbw_email_sender = NULL;
+char	   *sbw_email_reply_to = NULL;
+char	   *sbw_email_default_url = NULL;
+char	   *sbw_email_smtp_host = NULL;
+int			sbw_email_smtp_port = 25;
+int			sbw_email_smtp_timeout = 10;
+char	   *sbw_email_smtp_local_hostname = NULL;
+char	   *sbw_email_smtp_user = NULL;
+char	   *sbw_email_smtp_password = NULL;
+char	   *sbw_email_smtp_ssl_certfile = NULL;
+char	   *sbw_email_smtp_ssl_keyfile = NULL;
+char	   *sbw_email_smtp_ca_file = NULL;
+int			sbw_email_smtp_tls = SBW_SMTP_TLS_OFF;
+int			sbw_email_max_attempts = 20;
+int			sbw_outbox_retention = 7 * 24 * 3600;
+
 static const struct config_enum_entry queue_type_options[] = {
 	{"classic", SBW_QUEUE_CLASSIC, false},
 	{"quorum", SBW_QUEUE_QUORUM, false},
 	{NULL, 0, false}
 };
 
+static const struct config_enum_entry smtp_tls_options[] = {
+	{"off", SBW_SMTP_TLS_OFF, false},
+	{"starttls", SBW_SMTP_TLS_STARTTLS, false},
+	{"implicit", SBW_SMTP_TLS_IMPLICIT, false},
+	{NULL, 0, false}
+};
+
+/*
+ * A mail header value taken from a setting (From, Reply-To) cannot hold a
+ * line break: it would end the header and start another one.
+ */
+static bool
+sbw_check_header_value(char **newval, void **extra, GucSource source)
+{
+	if (*newval && strpbrk(*newval, "\r\n") != NULL)
+	{
+		GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+		GUC_check_errdetail("A mail header value cannot contain a line break.");
+		return false;
+	}
+	return true;
+}
+
+/*
+ * The email settings, mirroring StoryBoard's [plugin_email] options, plus
+ * what it lacks (STARTTLS, a CA file, attempts, retention).  All reload.
+ */
+static void
+sbw_define_email_gucs(void)
+{
+	DefineCustomBoolVariable("storyboard_worker.email_enable",
+							 "Queue and send email notifications (StoryBoard's [plugin_email] enable).",
+							 "Turns the email plugin and the mailer worker on.",
+							 &sbw_email_enable, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("storyboard_worker.email_sender",
+							   "From header and envelope sender of notification mail.",
+							   NULL,
+							   &sbw_email_sender,
+							   "StoryBoard (Do Not Reply) <do_not_reply@storyboard.openstack.org>",
+							   PGC_SIGHUP, 0, sbw_check_header_value, NULL, NULL);
+	DefineCustomStringVariable("storyboard_worker.email_reply_to",
+							   "Reply-To header of notification mail; empty for none.",
+							   NULL,
+							   &sbw_email_reply_to, "",
+							   PGC_SIGHUP, 0, sbw_check_header_value, NULL, NULL);
+	DefineCustomStringVariable("storyboard_worker.email_default_url",
+							   "Base of the links in mail when an event carries no URL.",
+							   NULL,
+							   &sbw_email_default_url, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("storyboard_worker.email_smtp_host",
+							   "SMTP server.",
+							   NULL,
+							   &sbw_email_smtp_host, "localhost",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("storyboard_worker.email_smtp_port",
+							"SMTP server port.",
+							NULL,
+							&sbw_email_smtp_port, 25, 1, 65535,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("storyboard_worker.email_smtp_timeout",
+							"Time allowed to connect to the SMTP server and for each of its replies.",
+							NULL,
+							&sbw_email_smtp_timeout, 10, 1, 600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomStringVariable("storyboard_worker.email_smtp_local_hostname",
+							   "Name given in EHLO and in Message-IDs; empty for this host's name.",
+							   NULL,
+							   &sbw_email_smtp_local_hostname, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("storyboard_worker.email_smtp_user",
+							   "SMTP login; empty for none.",
+							   NULL,
+							   &sbw_email_smtp_user, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("storyboard_worker.email_smtp_password",
+							   "SMTP password.",
+							   NULL,
+							   &sbw_email_smtp_password, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("storyboard_worker.email_smtp_ssl_certfile",
+							   "Client certificate presented to the SMTP server.",
+							   NULL,
+							   &sbw_email_smtp_ssl_certfile, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("storyboard_worker.email_smtp_ssl_keyfile",
+							   "Private key of the client certificate.",
+							   NULL,
+							   &sbw_email_smtp_ssl_keyfile, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("storyboard_worker.email_smtp_ca_file",
+							   "Certificate authority file to verify the SMTP server with; empty for the system's.",
+							   NULL,
+							   &sbw_email_smtp_ca_file, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomEnumVariable("storyboard_worker.email_smtp_tls",
+							 "TLS to the SMTP server: off, starttls (required), or implicit (SMTPS).",
+							 NULL,
+							 &sbw_email_smtp_tls, SBW_SMTP_TLS_OFF, smtp_tls_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("storyboard_worker.email_max_attempts",
+							"Attempts at a mail the SMTP server keeps refusing for now (4xx, no connection) before it is marked failed.",
+							NULL,
+							&sbw_email_max_attempts, 20, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("storyboard_worker.outbox_retention",
+							"How long sent mail is kept in storyboard_worker.outbox.",
+							NULL,
+							&sbw_outbox_retention, 7 * 24 * 3600, 60, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+}
+
 /*
  * Define the settings.  Called from _PG_init, in the postmaster when the
  * library is preloaded and in any backend that loads it later (so SHOW works
  * there too).
  */
+static emit_log_hook_type prev_emit_log_hook = NULL;
+
+/*
+ * Keep the passwords out of the server log.  On a reload the postmaster
+ * logs every changed setting with its new value ("parameter ... changed to
+ * ..."), superuser-only ones included; this log hook cuts the value off
+ * that line for our password settings.
+ */
+static void
+sbw_redact_passwords(ErrorData *edata)
+{
+	if (edata->message_id != NULL && edata->message != NULL &&
+		strcmp(edata->message_id, "parameter \"%s\" changed to \"%s\"") == 0 &&
+		(strstr(edata->message, "\"storyboard_worker.email_smtp_password\"") != NULL ||
+		 strstr(edata->message, "\"storyboard_worker.rabbit_password\"") != NULL))
+	{
+		char	   *cut = strstr(edata->message, "\" ");
+
+		if (cut != NULL)
+			edata->message = psprintf("%.*s\" changed (value not shown)",
+									  (int) (cut - edata->message), edata->message);
+	}
+	if (prev_emit_log_hook)
+		prev_emit_log_hook(edata);
+}
+
+/* Install the log hook above (from _PG_init, once per process). */
+void
+sbw_install_log_redaction(void)
+{
+	prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = sbw_redact_passwords;
+}
+
 void
 sbw_define_gucs(void)
 {
@@ -211,5 +376,6 @@ sbw_define_gucs(void)
 							   &sbw_role, "",
 							   PGC_SUSET, 0, NULL, NULL, NULL);
 
+	sbw_define_email_gucs();
 	MarkGUCPrefixReserved("storyboard_worker");
 }

@@ -18,7 +18,9 @@
  *		registered; one that stopped is started again after a back-off
  *		that doubles per quick failure (1 s .. rabbit_retry_delay), so a
  *		crashing consumer comes back without a crash loop.  Consumers
- *		numbered at or above worker_count are asked to stop.
+ *		numbered at or above worker_count are asked to stop.  The mailer
+ *		(mailer.c) is one more such worker, wanted while
+ *		storyboard_worker.email_enable is on.
  *
  * A change of storyboard_worker.database stops every consumer and starts
  * over.  Consumers themselves handle enable_notifications and missing
@@ -62,7 +64,16 @@ typedef struct SbwConsumer
 	bool		stopping;		/* asked to stop; handle kept until it has */
 } SbwConsumer;
 
-static SbwConsumer consumers[SBW_MAX_WORKERS];
+/* consumers[0 .. SBW_MAX_WORKERS - 1], then the mailer */
+#define SBW_MAILER_SLOT		SBW_MAX_WORKERS
+static SbwConsumer consumers[SBW_MAX_WORKERS + 1];
+
+/* Should worker i run now (consumer i < worker_count; the mailer: email)? */
+static bool
+sbw_wanted(int i)
+{
+	return i == SBW_MAILER_SLOT ? sbw_email_enable : i < sbw_worker_count;
+}
 
 /*
  * Register the launcher with the postmaster (from _PG_init).  It starts
@@ -128,7 +139,7 @@ sbw_lookup_database(const char *name)
 	return dboid;
 }
 
-/* Register consumer number i in database dboid. */
+/* Register consumer number i (or the mailer) in database dboid. */
 static bool
 sbw_start_consumer(int i, Oid dboid)
 {
@@ -139,9 +150,18 @@ sbw_start_consumer(int i, Oid dboid)
 	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
 	worker.bgw_restart_time = BGW_NEVER_RESTART;	/* we restart it ourselves */
 	strlcpy(worker.bgw_library_name, "storyboard_worker", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, "sbw_consumer_main", BGW_MAXLEN);
-	snprintf(worker.bgw_name, BGW_MAXLEN, "storyboard_worker consumer %d", i);
-	strlcpy(worker.bgw_type, "storyboard_worker consumer", BGW_MAXLEN);
+	if (i == SBW_MAILER_SLOT)
+	{
+		strlcpy(worker.bgw_function_name, "sbw_mailer_main", BGW_MAXLEN);
+		strlcpy(worker.bgw_name, "storyboard_worker mailer", BGW_MAXLEN);
+		strlcpy(worker.bgw_type, "storyboard_worker mailer", BGW_MAXLEN);
+	}
+	else
+	{
+		strlcpy(worker.bgw_function_name, "sbw_consumer_main", BGW_MAXLEN);
+		snprintf(worker.bgw_name, BGW_MAXLEN, "storyboard_worker consumer %d", i);
+		strlcpy(worker.bgw_type, "storyboard_worker consumer", BGW_MAXLEN);
+	}
 	worker.bgw_main_arg = Int32GetDatum(i);
 	memcpy(worker.bgw_extra, &dboid, sizeof(Oid));
 	worker.bgw_notify_pid = MyProcPid;
@@ -169,7 +189,9 @@ sbw_stop_consumer(int i)
 	if (c->handle && !c->stopping)
 	{
 		ereport(LOG,
-				(errmsg("storyboard_worker asks consumer %d to stop", i)));
+				(i == SBW_MAILER_SLOT ?
+				 errmsg("storyboard_worker asks the mailer to stop") :
+				 errmsg("storyboard_worker asks consumer %d to stop", i)));
 		TerminateBackgroundWorker(c->handle);
 		c->stopping = true;
 	}
@@ -183,7 +205,7 @@ sbw_stop_all_consumers(void)
 {
 	int			i;
 
-	for (i = 0; i < SBW_MAX_WORKERS; i++)
+	for (i = 0; i <= SBW_MAILER_SLOT; i++)
 		sbw_stop_consumer(i);
 }
 
@@ -216,9 +238,11 @@ sbw_reap_consumer(int i, TimestampTz now)
 	backoff = (long) SBW_MIN_BACKOFF_MS << Min(Max(c->failures - 1, 0), 12);
 	backoff = Min(backoff, (long) sbw_rabbit_retry_delay * 1000L);
 	c->next_start = TimestampTzPlusMilliseconds(now, backoff);
-	if (i < sbw_worker_count)
+	if (sbw_wanted(i))
 		ereport(LOG,
-				(errmsg("storyboard_worker consumer %d exited; restarting it in %ld ms",
+				(i == SBW_MAILER_SLOT ?
+				 errmsg("storyboard_worker mailer exited; restarting it in %ld ms", backoff) :
+				 errmsg("storyboard_worker consumer %d exited; restarting it in %ld ms",
 						i, backoff)));
 	return true;
 }
@@ -235,18 +259,18 @@ sbw_reconcile(Oid dboid, bool *registration_failed)
 	int			i;
 
 	*registration_failed = false;
-	for (i = 0; i < SBW_MAX_WORKERS; i++)
+	for (i = 0; i <= SBW_MAILER_SLOT; i++)
 	{
 		SbwConsumer *c = &consumers[i];
 
 		if (!sbw_reap_consumer(i, now))
 		{
 			/* still running (or still stopping: wait for its exit) */
-			if (i >= sbw_worker_count)
+			if (!sbw_wanted(i))
 				sbw_stop_consumer(i);
 			continue;
 		}
-		if (i >= sbw_worker_count)
+		if (!sbw_wanted(i))
 		{
 			c->failures = 0;
 			c->next_start = 0;

@@ -16,16 +16,23 @@
 #include "access/xact.h"
 #include "catalog/pg_class.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_namespace.h"
+#include "commands/extension.h"
 #include "commands/trigger.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "nodes/parsenodes.h"
 #include "nodes/value.h"
 #include "tcop/utility.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/resowner.h"
 
+#include "plugins.h"
 #include "scope.h"
+#include "storyboard_worker.h"
 
 /*
  * Run with search_path set to 'path' (a settings level of our own) until
@@ -48,6 +55,37 @@ void
 sbw_search_path_end(int nestlevel)
 {
 	AtEOXact_GUC(false, nestlevel);
+}
+
+/*
+ * The search_path a plan runs under: pg_catalog first, then only the
+ * schemas that hold its tables, in the order the database's path found
+ * them, then pg_temp.  The tables resolve exactly as they did, and no
+ * function or operator is looked up in a schema that holds none of them:
+ * an object planted in another schema of the database's path (say, public
+ * before pg_catalog) never runs as the plugin role.
+ */
+char *
+sbw_tables_search_path(const Oid *relids, int n)
+{
+	StringInfoData buf;
+	List	   *seen = NIL;
+	int			i;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "pg_catalog");
+	for (i = 0; i < n; i++)
+	{
+		Oid			nsp = get_rel_namespace(relids[i]);
+
+		if (list_member_oid(seen, nsp) || nsp == PG_CATALOG_NAMESPACE)
+			continue;
+		seen = lappend_oid(seen, nsp);
+		appendStringInfo(&buf, ", %s", quote_identifier(get_namespace_name(nsp)));
+	}
+	appendStringInfoString(&buf, ", pg_temp");
+	list_free(seen);
+	return MemoryContextStrdup(TopMemoryContext, buf.data);
 }
 
 /*
@@ -248,6 +286,25 @@ sbw_plugin_scope_begin(SbwPluginScope *scope, Oid role)
 	SetUserIdAndSecContext(role, scope->save_sec | SECURITY_LOCAL_USERID_CHANGE);
 	scope->nestlevel = NewGUCNestLevel();
 	plugin_depth++;
+}
+
+/* See scope.h. */
+void
+sbw_owner_scope_begin(SbwOwnerScope *scope)
+{
+	Oid			owner = sbw_extension_owner(get_extension_oid(SBW_EXTENSION_NAME, false));
+
+	GetUserIdAndSecContext(&scope->save_userid, &scope->save_sec);
+	SetUserIdAndSecContext(owner, scope->save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	scope->nestlevel = sbw_internal_begin();
+}
+
+/* See scope.h. */
+void
+sbw_owner_scope_end(SbwOwnerScope *scope)
+{
+	sbw_internal_end(scope->nestlevel);
+	SetUserIdAndSecContext(scope->save_userid, scope->save_sec);
 }
 
 /*

@@ -33,7 +33,7 @@
  * prepared (in the safe scope) on first use and kept for the backend's
  * life.  Declare them static, with SBW_STMT.
  */
-#define SBW_STMT_MAX_ARGS	8
+#define SBW_STMT_MAX_ARGS	16
 typedef struct SbwStmt
 {
 	const char *sql;
@@ -59,6 +59,12 @@ extern void sbw_internal_end(int nestlevel);
 extern int	sbw_search_path_begin(const char *path);
 extern void sbw_search_path_end(int nestlevel);
 
+/*
+ * The search_path for statements on these tables (a plugin's): pg_catalog,
+ * the tables' schemas, pg_temp (TopMemoryContext).
+ */
+extern char *sbw_tables_search_path(const Oid *relids, int n);
+
 /* A plugin call's identity and settings scope. */
 typedef struct SbwPluginScope
 {
@@ -70,6 +76,22 @@ typedef struct SbwPluginScope
 
 extern void sbw_plugin_scope_begin(SbwPluginScope *scope, Oid role);
 extern void sbw_plugin_scope_end(SbwPluginScope *scope);
+
+/*
+ * A built-in plugin's own statements on the extension's tables (the email
+ * plugin's outbox): run as the extension's owner, in the safe scope, from
+ * inside the plugin call, until the matching end.  Only fixed statements
+ * with bound values may run there.
+ */
+typedef struct SbwOwnerScope
+{
+	Oid			save_userid;
+	int			save_sec;
+	int			nestlevel;
+} SbwOwnerScope;
+
+extern void sbw_owner_scope_begin(SbwOwnerScope *scope);
+extern void sbw_owner_scope_end(SbwOwnerScope *scope);
 
 /* Fire the deferred constraints pending now, as the current user. */
 extern void sbw_fire_deferred_constraints(void);

@@ -58,6 +58,7 @@ sbw_shmem_init(void)
 	{
 		memset(sbw_shared, 0, sizeof(SbwShared));
 		pg_atomic_init_u64(&sbw_shared->last_ack_flush, 0);
+		SpinLockInit(&sbw_shared->mailer.mutex);
 		for (i = 0; i < SBW_MAX_WORKERS; i++)
 			SpinLockInit(&sbw_shared->slots[i].mutex);
 	}
@@ -339,6 +340,10 @@ sbw_set_latches(void)
 		if (pid != 0)
 			pids = lappend_int(pids, pid);
 	}
+	SpinLockAcquire(&sbw_shared->mailer.mutex);
+	if (sbw_shared->mailer.pid != 0)
+		pids = lappend_int(pids, sbw_shared->mailer.pid);
+	SpinLockRelease(&sbw_shared->mailer.mutex);
 
 	foreach(lc, pids)
 	{

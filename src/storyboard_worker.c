@@ -58,6 +58,7 @@ _PG_init(void)
 		return;
 
 	sbw_define_gucs();
+	sbw_install_log_redaction();
 	sbw_scope_init();
 
 	if (!process_shared_preload_libraries_in_progress)

@@ -36,7 +36,7 @@
  * stay idle until ALTER EXTENSION storyboard_worker UPDATE brings an older
  * install to it (they need its tables: the redelivery count, the ledger).
  */
-#define SBW_EXTENSION_VERSION	"1.3"
+#define SBW_EXTENSION_VERSION	"1.4"
 
 /*
  * SQLSTATE a plugin raises to ask for a retry later ("not yet"), e.g. when
@@ -76,6 +76,29 @@ extern int	sbw_max_redeliveries;
 extern int	sbw_batch_size;
 extern int	sbw_ledger_retention;
 extern char *sbw_role;
+extern bool sbw_email_enable;
+extern char *sbw_email_sender;
+extern char *sbw_email_reply_to;
+extern char *sbw_email_default_url;
+extern char *sbw_email_smtp_host;
+extern int	sbw_email_smtp_port;
+extern int	sbw_email_smtp_timeout;
+extern char *sbw_email_smtp_local_hostname;
+extern char *sbw_email_smtp_user;
+extern char *sbw_email_smtp_password;
+extern char *sbw_email_smtp_ssl_certfile;
+extern char *sbw_email_smtp_ssl_keyfile;
+extern char *sbw_email_smtp_ca_file;
+extern int	sbw_email_smtp_tls;
+extern int	sbw_email_max_attempts;
+extern int	sbw_outbox_retention;
+
+typedef enum SbwSmtpTls
+{
+	SBW_SMTP_TLS_OFF,
+	SBW_SMTP_TLS_STARTTLS,
+	SBW_SMTP_TLS_IMPLICIT
+} SbwSmtpTls;
 
 typedef enum SbwQueueType
 {
@@ -84,6 +107,7 @@ typedef enum SbwQueueType
 } SbwQueueType;
 
 extern void sbw_define_gucs(void);
+extern void sbw_install_log_redaction(void);
 
 /* ---- stats.c: shared state, one slot per consumer ---- */
 typedef enum SbwWorkerState
@@ -120,9 +144,25 @@ typedef struct SbwWorkerSlot
 	uint64		ack_waits[SBW_ACK_WAIT_BUCKETS];
 } SbwWorkerSlot;
 
+/* The mailer's shared state (mailer.c), read by mailer_status(). */
+typedef struct SbwMailerSlot
+{
+	slock_t		mutex;
+	int			pid;			/* 0 = not running */
+	struct Latch *latch;		/* set to wake it (mails queued) */
+	char		state[16];
+	uint64		sent;
+	uint64		failed;
+	uint64		retried;
+	TimestampTz last_sent_at;
+	char		last_error[256];
+	TimestampTz last_error_at;
+} SbwMailerSlot;
+
 typedef struct SbwShared
 {
 	int			launcher_pid;
+	SbwMailerSlot mailer;
 	/* when a consumer last flushed the WAL for its acknowledgements (acks.c) */
 	pg_atomic_uint64 last_ack_flush;
 	SbwWorkerSlot slots[SBW_MAX_WORKERS];

@@ -212,7 +212,6 @@ static char *sbw_build_comment_sql(void);
 static char *sbw_build_project_group_sql(void);
 static char *sbw_build_deletion_sql(void);
 static void sbw_prepare(SbwSubPlan *sp, const Oid *relids, int n, char *path);
-static char *sbw_exec_path(const Oid *relids, int n);
 
 static SbwSubPlan sbw_timeline_plan = {
 	"timeline_event", sbw_timeline_tables, sbw_build_timeline_sql,
@@ -488,7 +487,7 @@ sbw_get_plan(SbwSubPlan *sp)
 	if (sbw_created_at_expr() != sp->created_at)
 		same = false;
 	/* and the plan's own search_path on the tables' schemas (SET SCHEMA) */
-	path = sbw_exec_path(relids, i);
+	path = sbw_tables_search_path(relids, i);
 	if (sp->exec_path == NULL || strcmp(path, sp->exec_path) != 0)
 		same = false;
 
@@ -497,37 +496,6 @@ sbw_get_plan(SbwSubPlan *sp)
 	else
 		pfree(path);
 	return sp->plan;
-}
-
-/*
- * The search_path a plan runs under: pg_catalog first, then only the
- * schemas that hold its tables, in the order the database's path found
- * them, then pg_temp.  The tables resolve exactly as they did, and no
- * function or operator is looked up in a schema that holds none of them:
- * an object planted in another schema of the database's path (say, public
- * before pg_catalog) never runs as the plugin role.
- */
-static char *
-sbw_exec_path(const Oid *relids, int n)
-{
-	StringInfoData buf;
-	List	   *seen = NIL;
-	int			i;
-
-	initStringInfo(&buf);
-	appendStringInfoString(&buf, "pg_catalog");
-	for (i = 0; i < n; i++)
-	{
-		Oid			nsp = get_rel_namespace(relids[i]);
-
-		if (list_member_oid(seen, nsp) || nsp == PG_CATALOG_NAMESPACE)
-			continue;
-		seen = lappend_oid(seen, nsp);
-		appendStringInfo(&buf, ", %s", quote_identifier(get_namespace_name(nsp)));
-	}
-	appendStringInfoString(&buf, ", pg_temp");
-	list_free(seen);
-	return MemoryContextStrdup(TopMemoryContext, buf.data);
 }
 
 /*

@@ -28,7 +28,7 @@ if [ "${SKIP_APT:-0}" != 1 ]; then
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -q >/dev/null
 	apt-get install -y -q --no-install-recommends postgresql-15 postgresql-server-dev-15 librabbitmq-dev \
-		libjson-c-dev rabbitmq-server amqp-tools python3-pika python3-psycopg2 pkg-config make gcc \
+		libjson-c-dev libcurl4-openssl-dev rabbitmq-server amqp-tools python3-pika python3-psycopg2 pkg-config make gcc \
 		iproute2 util-linux procps >/tmp/sbw-demo-apt.log 2>&1 || { tail -30 /tmp/sbw-demo-apt.log >&2; exit 1; }
 fi
 

@@ -40,8 +40,8 @@ summary() {
 [ "$(id -u)" = 0 ] || { echo "run_tests.sh: run as root (initdb runs as postgres via runuser)" >&2; exit 2; }
 
 # ------------------------------------------------------------------ packages
-PKGS=(postgresql-15 postgresql-server-dev-15 librabbitmq-dev libjson-c-dev rabbitmq-server
-	amqp-tools python3-pika python3-psycopg2 python3-pytest pkg-config clang-14 libclang-rt-14-dev
+PKGS=(postgresql-15 postgresql-server-dev-15 librabbitmq-dev libjson-c-dev libcurl4-openssl-dev rabbitmq-server
+	amqp-tools python3-pika python3-psycopg2 python3-pytest python3-aiosmtpd pkg-config clang-14 libclang-rt-14-dev
 	make gcc iproute2 util-linux procps openssl)
 if [ "${SKIP_APT:-0}" != 1 ]; then
 	note "apt-get install"

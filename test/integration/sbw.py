@@ -423,3 +423,34 @@ def unregister(cluster, name, db=DB):
 def set_control(cluster, name, value, db=DB):
     cluster.execute("INSERT INTO sbw_test.control VALUES (%s, %s) "
                     "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (name, str(value)), db=db)
+
+
+def workload_data(cluster, b, n_events, email=False):
+    """The rate workload's StoryBoard rows, ids from b + 1: 10 users (with the email preference
+    when email), one story with 3 tasks in 2 projects of 1 group, 10 subscribers (3 of the story,
+    1 per task, 1 per project, 2 of the group) and n_events task_status_changed events rows."""
+    cluster.execute("""
+        INSERT INTO users (id, full_name, email, is_staff, is_active, is_superuser, enable_login)
+        SELECT %(b)s + i, 'rate user ' || i, 'rate' || i || '.' || %(b)s || '@example.org', false, true, false, true
+          FROM generate_series(1, 10) i;
+        INSERT INTO user_preferences (user_id, key, value, type)
+          SELECT %(b)s + i, 'plugin_email_enable', 'true', 'string' FROM generate_series(1, 10) i
+           WHERE %(email)s;
+        INSERT INTO projects (id, name, is_active) VALUES (%(b)s + 1, 'rate-p1-%(b)s', true), (%(b)s + 2, 'rate-p2-%(b)s', true);
+        INSERT INTO project_groups (id, name, title) VALUES (%(b)s + 1, 'rate-g-%(b)s', 'Rate group');
+        INSERT INTO project_group_mapping (project_id, project_group_id) VALUES (%(b)s + 1, %(b)s + 1), (%(b)s + 2, %(b)s + 1);
+        INSERT INTO stories (id, title, private, creator_id) VALUES (%(b)s + 1, 'rate story', false, %(b)s + 1);
+        INSERT INTO tasks (id, title, story_id, project_id, status, priority)
+        VALUES (%(b)s + 1, 't1', %(b)s + 1, %(b)s + 1, 'todo', 'medium'),
+               (%(b)s + 2, 't2', %(b)s + 1, %(b)s + 2, 'todo', 'medium'),
+               (%(b)s + 3, 't3', %(b)s + 1, %(b)s + 2, 'todo', 'medium');
+        INSERT INTO subscriptions (user_id, target_type, target_id) VALUES
+          (%(b)s + 1, 'story', %(b)s + 1), (%(b)s + 2, 'story', %(b)s + 1), (%(b)s + 3, 'story', %(b)s + 1),
+          (%(b)s + 4, 'task', %(b)s + 1), (%(b)s + 5, 'task', %(b)s + 2), (%(b)s + 6, 'task', %(b)s + 3),
+          (%(b)s + 7, 'project', %(b)s + 1), (%(b)s + 8, 'project', %(b)s + 2),
+          (%(b)s + 9, 'project_group', %(b)s + 1), (%(b)s + 10, 'project_group', %(b)s + 1);
+        INSERT INTO events (id, story_id, author_id, event_type, event_info)
+        SELECT %(b)s + i, %(b)s + 1, %(b)s + 1, 'task_status_changed',
+               '{"story_id": ' || (%(b)s + 1) || ', "task_id": ' || (%(b)s + 1) || '}'
+          FROM generate_series(1, %(n)s) i;
+    """ % {"b": b, "n": n_events, "email": "true" if email else "false"})

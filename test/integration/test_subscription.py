@@ -74,28 +74,7 @@ def test_subscription_workload_rate(storyboard_tables, services, metrics):
     cluster = storyboard_tables
     n = int(os.environ.get("SBW_SUB_EVENTS", "2000"))
     base = 90000
-    cluster.execute("""
-        INSERT INTO users (id, full_name, email, is_staff, is_active, is_superuser, enable_login)
-        SELECT %(b)s + i, 'rate user ' || i, 'rate' || i || '@example.org', false, true, false, true
-          FROM generate_series(1, 10) i;
-        INSERT INTO projects (id, name, is_active) VALUES (%(b)s + 1, 'rate-p1', true), (%(b)s + 2, 'rate-p2', true);
-        INSERT INTO project_groups (id, name, title) VALUES (%(b)s + 1, 'rate-g', 'Rate group');
-        INSERT INTO project_group_mapping (project_id, project_group_id) VALUES (%(b)s + 1, %(b)s + 1), (%(b)s + 2, %(b)s + 1);
-        INSERT INTO stories (id, title, private, creator_id) VALUES (%(b)s + 1, 'rate story', false, %(b)s + 1);
-        INSERT INTO tasks (id, title, story_id, project_id, status, priority)
-        VALUES (%(b)s + 1, 't1', %(b)s + 1, %(b)s + 1, 'todo', 'medium'),
-               (%(b)s + 2, 't2', %(b)s + 1, %(b)s + 2, 'todo', 'medium'),
-               (%(b)s + 3, 't3', %(b)s + 1, %(b)s + 2, 'todo', 'medium');
-        INSERT INTO subscriptions (user_id, target_type, target_id) VALUES
-          (%(b)s + 1, 'story', %(b)s + 1), (%(b)s + 2, 'story', %(b)s + 1), (%(b)s + 3, 'story', %(b)s + 1),
-          (%(b)s + 4, 'task', %(b)s + 1), (%(b)s + 5, 'task', %(b)s + 2), (%(b)s + 6, 'task', %(b)s + 3),
-          (%(b)s + 7, 'project', %(b)s + 1), (%(b)s + 8, 'project', %(b)s + 2),
-          (%(b)s + 9, 'project_group', %(b)s + 1), (%(b)s + 10, 'project_group', %(b)s + 1);
-        INSERT INTO events (id, story_id, author_id, event_type, event_info)
-        SELECT %(b)s + i, %(b)s + 1, %(b)s + 1, 'task_status_changed',
-               '{"story_id": ' || (%(b)s + 1) || ', "task_id": ' || (%(b)s + 1) || '}'
-          FROM generate_series(1, %(n)s) i;
-    """ % {"b": base, "n": n})
+    sbw.workload_data(cluster, base, n)
     cluster.execute("SELECT storyboard_worker.register_plugin('subscription', "
                     "'storyboard_worker.subscription_handler(storyboard_worker.event)')")
     try:

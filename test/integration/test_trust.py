@@ -26,6 +26,10 @@ import g_util
 import sbw
 from sbw import wait_for
 
+# the version this library is built for: storyboard_worker.control's default_version
+with open(os.path.join(sbw.TEST_DIR, "..", "storyboard_worker.control")) as _f:
+    LIB_VERSION = [l.split("'")[1] for l in _f if l.startswith("default_version")][0]
+
 APP = "sbw_t_app"
 PLUGIN = "sbw_t_plugin"
 HOSTILE = "sbw_t_hostile"
@@ -388,7 +392,7 @@ def test_consumers_wait_for_the_sql_objects_to_be_updated(cluster, services, pgl
         cluster.set_gucs(database=db)
         line = wait_for(lambda: pglog.grep(mark, "waiting for ALTER EXTENSION storyboard_worker UPDATE"),
                         30, "the consumers waiting for the update")
-        assert "its SQL objects are version 1.1, the library is 1.3" in line[0], line
+        assert "its SQL objects are version 1.1, the library is " + LIB_VERSION in line[0], line
         time.sleep(1)
         states = [s["state"] for s in cluster.q("SELECT * FROM storyboard_worker.stats WHERE pid <> 0",
                                                  db=db, dicts=True)]

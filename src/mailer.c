@@ -1,0 +1,468 @@
+/*-------------------------------------------------------------------------
+ *
+ * mailer.c
+ *		The mailer background worker: sends storyboard_worker.outbox.
+ *
+ * Started by the launcher while storyboard_worker.email_enable is on, in
+ * the storyboard database.  Each mail is one transaction: claim the oldest
+ * due pending row (FOR UPDATE SKIP LOCKED, so a second mailer or an
+ * operator's UPDATE never sends it twice), send it (smtp.c), record the
+ * outcome, commit.  Delivery is at least once: a crash between the
+ * server's 250 and the commit sends that mail again, with the same
+ * Message-ID.
+ *
+ *	sent		the server accepted the data (250);
+ *	retry		4xx, no connection, TLS or login failure: attempts + 1,
+ *				next_attempt_at 1 s, 2 s, 4 s ... 1 h later; after
+ *				email_max_attempts, failed.  A failure that is the
+ *				connection's (no reply at all) also pauses the mailer until
+ *				then, instead of failing every other mail the same way;
+ *	refused		5xx, or an address no server could take: failed, with the
+ *				server's reply in last_error (retry_mail() queues it again).
+ *
+ * Every minute it also queues the digests that are due (send_digests())
+ * and prunes sent mail older than outbox_retention.  It sleeps on its
+ * latch until the next mail is due; the email plugin sets that latch when
+ * a transaction that queued mail commits.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "mailer.h"
+#include "plugins.h"
+#include "scope.h"
+#include "smtp.h"
+#include "storyboard_worker.h"
+
+PG_FUNCTION_INFO_V1(sbw_mailer_status);
+
+/* How often digests are queued and sent mail pruned, and the longest nap. */
+#define SBW_MAILER_TICK_MS		60000
+/* Back-off of one mail: 1 s doubling, at most an hour. */
+#define SBW_MAILER_MAX_BACKOFF_S	3600
+
+static SbwStmt claim_stmt = SBW_STMT(
+	"SELECT o.id, o.recipient, o.subject, o.body_text, o.body_html,"
+	"       o.message_id, o.in_reply_to, o.kind, o.attempts"
+	"  FROM storyboard_worker.outbox o"
+	" WHERE o.status OPERATOR(pg_catalog.=) 'pending'"
+	"   AND o.next_attempt_at OPERATOR(pg_catalog.<=) $1"
+	" ORDER BY o.next_attempt_at, o.id"
+	" LIMIT 1 FOR UPDATE SKIP LOCKED",
+	1, TIMESTAMPTZOID);
+
+static SbwStmt sent_stmt = SBW_STMT(
+	"UPDATE storyboard_worker.outbox"
+	"   SET status = 'sent', sent_at = $2, attempts = attempts OPERATOR(pg_catalog.+) 1,"
+	"       last_error = NULL"
+	" WHERE id OPERATOR(pg_catalog.=) $1",
+	2, INT8OID, TIMESTAMPTZOID);
+
+static SbwStmt unsent_stmt = SBW_STMT(
+	"UPDATE storyboard_worker.outbox"
+	"   SET status = $2, attempts = $3, next_attempt_at = $4, last_error = $5"
+	" WHERE id OPERATOR(pg_catalog.=) $1",
+	5, INT8OID, TEXTOID, INT4OID, TIMESTAMPTZOID, TEXTOID);
+
+static SbwStmt next_due_stmt = SBW_STMT(
+	"SELECT pg_catalog.min(o.next_attempt_at) FROM storyboard_worker.outbox o"
+	" WHERE o.status OPERATOR(pg_catalog.=) 'pending'",
+	0, InvalidOid);
+
+static SbwStmt digests_stmt = SBW_STMT(
+	"SELECT storyboard_worker.send_digests(false)", 0, InvalidOid);
+
+static SbwStmt prune_stmt = SBW_STMT(
+	"DELETE FROM storyboard_worker.outbox o"
+	" WHERE o.status OPERATOR(pg_catalog.=) 'sent'"
+	"   AND o.sent_at OPERATOR(pg_catalog.<) $1",
+	1, TIMESTAMPTZOID);
+
+/* The outcome of one claimed mail, to record. */
+typedef struct SbwMailOutcome
+{
+	SbwSmtpResult result;
+	char		error[512];
+	int			attempts;		/* after this one */
+	TimestampTz next_attempt;
+} SbwMailOutcome;
+
+static TimestampTz pause_until = 0;
+static TimestampTz next_tick = 0;
+
+/* ---------------------------------------------------------------- status */
+
+/* Say what the mailer does now (mailer_status(), pg_stat_activity). */
+static void
+sbw_mailer_set_state(const char *state)
+{
+	SpinLockAcquire(&sbw_shared->mailer.mutex);
+	strlcpy(sbw_shared->mailer.state, state, sizeof(sbw_shared->mailer.state));
+	SpinLockRelease(&sbw_shared->mailer.mutex);
+	pgstat_report_activity(STATE_RUNNING, state);
+}
+
+/* Count one outcome; keep the last error. */
+static void
+sbw_mailer_count(SbwMailOutcome *o)
+{
+	SbwMailerSlot *m = &sbw_shared->mailer;
+
+	SpinLockAcquire(&m->mutex);
+	if (o->result == SBW_SMTP_SENT)
+	{
+		m->sent++;
+		m->last_sent_at = GetCurrentTimestamp();
+	}
+	else
+	{
+		if (o->result == SBW_SMTP_REFUSED || o->attempts >= sbw_email_max_attempts)
+			m->failed++;
+		else
+			m->retried++;
+		strlcpy(m->last_error, o->error, sizeof(m->last_error));
+		m->last_error_at = GetCurrentTimestamp();
+	}
+	SpinLockRelease(&m->mutex);
+}
+
+/* Leave the slot at exit. */
+static void
+sbw_mailer_exit(int code, Datum arg)
+{
+	sbw_smtp_reset();
+	SpinLockAcquire(&sbw_shared->mailer.mutex);
+	if (sbw_shared->mailer.pid == MyProcPid)
+	{
+		sbw_shared->mailer.pid = 0;
+		sbw_shared->mailer.latch = NULL;
+		strlcpy(sbw_shared->mailer.state, "stopped", sizeof(sbw_shared->mailer.state));
+	}
+	SpinLockRelease(&sbw_shared->mailer.mutex);
+}
+
+/*
+ * storyboard_worker.mailer_status(): the mailer's process, what it does,
+ * and its counts since the server started.
+ */
+Datum
+sbw_mailer_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	Datum		values[8];
+	bool		nulls[8] = {false};
+	SbwMailerSlot m;
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "mailer_status must return a record");
+	if (sbw_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("storyboard_worker is not loaded through shared_preload_libraries")));
+	SpinLockAcquire(&sbw_shared->mailer.mutex);
+	memcpy(&m, &sbw_shared->mailer, sizeof(m));
+	SpinLockRelease(&sbw_shared->mailer.mutex);
+
+	values[0] = Int32GetDatum(m.pid);
+	nulls[0] = (m.pid == 0);
+	values[1] = CStringGetTextDatum(m.state[0] ? m.state : "stopped");
+	values[2] = Int64GetDatum((int64) m.sent);
+	values[3] = Int64GetDatum((int64) m.failed);
+	values[4] = Int64GetDatum((int64) m.retried);
+	values[5] = TimestampTzGetDatum(m.last_sent_at);
+	nulls[5] = (m.last_sent_at == 0);
+	values[6] = CStringGetTextDatum(m.last_error);
+	nulls[6] = (m.last_error[0] == '\0');
+	values[7] = TimestampTzGetDatum(m.last_error_at);
+	nulls[7] = (m.last_error_at == 0);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
+}
+
+/* ---------------------------------------------------------------- waking */
+
+static bool wake_mailer = false;
+static bool wake_callback_registered = false;
+
+/* Transaction callback: set the mailer's latch once we commit. */
+static void
+sbw_mailer_xact_callback(XactEvent event, void *arg)
+{
+	struct Latch *latch;
+
+	if (!wake_mailer)
+		return;
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT)
+	{
+		wake_mailer = false;
+		SpinLockAcquire(&sbw_shared->mailer.mutex);
+		latch = sbw_shared->mailer.latch;
+		SpinLockRelease(&sbw_shared->mailer.mutex);
+		if (latch != NULL)
+			SetLatch(latch);
+	}
+	else if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+		wake_mailer = false;
+}
+
+/* See mailer.h. */
+void
+sbw_wake_mailer_at_commit(void)
+{
+	if (sbw_shared == NULL)
+		return;
+	if (!wake_callback_registered)
+	{
+		RegisterXactCallback(sbw_mailer_xact_callback, NULL);
+		wake_callback_registered = true;
+	}
+	wake_mailer = true;
+}
+
+/* ---------------------------------------------------------------- work */
+
+/*
+ * May the mailer work?  The extension installed at this library's version
+ * (the outbox exists) and owned by a superuser (the mailer writes its
+ * tables as one).  Logs why not, once per change.
+ */
+static bool
+sbw_mailer_ready(void)
+{
+	static const char *logged = NULL;
+	const char *why = NULL;
+	Oid			ext;
+
+	StartTransactionCommand();
+	ext = get_extension_oid(SBW_EXTENSION_NAME, true);
+	if (!OidIsValid(ext))
+		why = "CREATE EXTENSION storyboard_worker";
+	else if (!superuser_arg(sbw_extension_owner(ext)))
+		why = "the owner of extension storyboard_worker to be a superuser";
+	else if (strcmp(sbw_extension_version(ext), SBW_EXTENSION_VERSION) != 0)
+		why = "ALTER EXTENSION storyboard_worker UPDATE";
+	CommitTransactionCommand();
+	if (why != NULL && why != logged)
+		ereport(LOG,
+				(errmsg("storyboard_worker mailer is idle, waiting for %s", why)));
+	logged = why;
+	return why == NULL;
+}
+
+/* A text column of the claimed row, NULL if null. */
+static char *
+sbw_claimed_text(int col)
+{
+	return SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col);
+}
+
+/* What to do with a mail that was not sent; fills the outcome. */
+static void
+sbw_mailer_plan_retry(SbwMailOutcome *o, int attempts_before)
+{
+	int			shift = Min(attempts_before, 12);
+	long		delay_s = Min(1L << shift, (long) SBW_MAILER_MAX_BACKOFF_S);
+
+	o->attempts = attempts_before + 1;
+	o->next_attempt = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay_s * 1000L);
+}
+
+/* Record the outcome of the claimed mail 'id'. */
+static void
+sbw_mailer_record(int64 id, SbwMailOutcome *o)
+{
+	Datum		v[5];
+	bool		failed;
+
+	v[0] = Int64GetDatum(id);
+	if (o->result == SBW_SMTP_SENT)
+	{
+		v[1] = TimestampTzGetDatum(GetCurrentTimestamp());
+		(void) sbw_stmt_execute(&sent_stmt, v, NULL, false, 0, SPI_OK_UPDATE);
+		return;
+	}
+	failed = (o->result == SBW_SMTP_REFUSED || o->attempts >= sbw_email_max_attempts);
+	v[1] = CStringGetTextDatum(failed ? "failed" : "pending");
+	v[2] = Int32GetDatum(o->attempts);
+	v[3] = TimestampTzGetDatum(o->next_attempt);
+	v[4] = CStringGetTextDatum(o->error);
+	(void) sbw_stmt_execute(&unsent_stmt, v, NULL, false, 0, SPI_OK_UPDATE);
+	ereport(failed ? WARNING : LOG,
+			(errmsg("storyboard_worker mailer: mail " INT64_FORMAT " %s: %s",
+					id, failed ? "failed" : "not sent, will retry", o->error),
+			 failed ? errhint("SELECT storyboard_worker.retry_mail(" INT64_FORMAT ") queues it again.", id) : 0));
+}
+
+/*
+ * Claim, send and record one due mail, in a transaction of its own.
+ * Returns false when none was due (or the connection failed: pause).
+ */
+static bool
+sbw_mailer_send_one(void)
+{
+	Datum		now = TimestampTzGetDatum(GetCurrentTimestamp());
+	SbwSmtpMail mail;
+	SbwMailOutcome o;
+	int64		id = 0;
+	bool		isnull;
+	bool		claimed;
+
+	memset(&o, 0, sizeof(o));
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	(void) sbw_stmt_execute(&claim_stmt, &now, NULL, false, 1, SPI_OK_SELECT);
+	claimed = (SPI_processed == 1);
+	if (claimed)
+	{
+		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		mail.recipient = sbw_claimed_text(2);
+		mail.subject = sbw_claimed_text(3);
+		mail.body_text = sbw_claimed_text(4);
+		mail.body_html = sbw_claimed_text(5);
+		mail.message_id = sbw_claimed_text(6);
+		mail.in_reply_to = sbw_claimed_text(7);
+		mail.kind = sbw_claimed_text(8);
+		sbw_mailer_set_state("sending");
+		o.result = sbw_smtp_send(&mail, o.error, sizeof(o.error));
+		if (o.result != SBW_SMTP_SENT)
+			sbw_mailer_plan_retry(&o, DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0],
+																  SPI_tuptable->tupdesc, 9, &isnull)));
+		sbw_mailer_record(id, &o);
+	}
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	if (!claimed)
+		return false;
+	sbw_mailer_count(&o);
+	if (o.result == SBW_SMTP_UNREACHABLE && o.attempts < sbw_email_max_attempts)
+	{
+		pause_until = o.next_attempt;
+		return false;
+	}
+	return true;
+}
+
+/*
+ * The periodic work: queue due digests, prune old sent mail.  Returns the
+ * milliseconds until the next pending mail is due (at most a tick).
+ */
+static long
+sbw_mailer_tick(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	long		ms = SBW_MAILER_TICK_MS;
+	bool		isnull;
+	Datum		d;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (now >= next_tick)
+	{
+		Datum		cutoff = TimestampTzGetDatum(now - (TimestampTz) sbw_outbox_retention * USECS_PER_SEC);
+
+		sbw_mailer_set_state("digests");
+		(void) sbw_stmt_execute(&digests_stmt, NULL, NULL, false, 0, SPI_OK_SELECT);
+		(void) sbw_stmt_execute(&prune_stmt, &cutoff, NULL, false, 0, SPI_OK_DELETE);
+		next_tick = TimestampTzPlusMilliseconds(now, SBW_MAILER_TICK_MS);
+	}
+	(void) sbw_stmt_execute(&next_due_stmt, NULL, NULL, true, 1, SPI_OK_SELECT);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (!isnull)
+		ms = Max(TimestampDifferenceMilliseconds(now, DatumGetTimestampTz(d)), 0);
+	PopActiveSnapshot();
+	SPI_finish();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	ms = Min(ms, TimestampDifferenceMilliseconds(now, next_tick));
+	if (pause_until > now)
+		ms = Max(ms, TimestampDifferenceMilliseconds(now, pause_until));
+	return ms;
+}
+
+/* A reload: new settings apply to the next mail (a new connection). */
+static void
+sbw_mailer_reload(void)
+{
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	sbw_smtp_reset();
+	pause_until = 0;
+}
+
+/* Entry point of the mailer. */
+void
+sbw_mailer_main(Datum main_arg)
+{
+	Oid			dboid;
+
+	memcpy(&dboid, MyBgworkerEntry->bgw_extra, sizeof(Oid));
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	pgstat_report_appname("storyboard_worker mailer");
+
+	SpinLockAcquire(&sbw_shared->mailer.mutex);
+	sbw_shared->mailer.pid = MyProcPid;
+	sbw_shared->mailer.latch = MyLatch;
+	SpinLockRelease(&sbw_shared->mailer.mutex);
+	before_shmem_exit(sbw_mailer_exit, (Datum) 0);
+	ereport(LOG, (errmsg("storyboard_worker mailer started")));
+
+	for (;;)
+	{
+		long		sleep_ms = 10000;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+			sbw_mailer_reload();
+		if (!sbw_email_enable)
+			proc_exit(0);		/* the launcher starts us again when on */
+		if (!RecoveryInProgress() && sbw_mailer_ready())
+		{
+			TimestampTz now = GetCurrentTimestamp();
+
+			if (pause_until <= now)
+				while (sbw_mailer_send_one())
+				{
+					CHECK_FOR_INTERRUPTS();
+					if (ConfigReloadPending)
+						break;
+				}
+			sleep_ms = sbw_mailer_tick();
+		}
+		sbw_mailer_set_state("idle");
+		pgstat_report_activity(STATE_IDLE, NULL);
+		if (sleep_ms > 0)
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 sleep_ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
