@@ -30,4 +30,6 @@ SELECT storyboard_worker.email_enabled();
 SELECT storyboard_worker.email_changes('{"title": "a", "updated_at": 1, "x": 1, "y": null}',
 	'{"title": "b", "updated_at": 2, "x": 1, "z": 3}');
 SELECT storyboard_worker.email_url_decode('urgent%20fix+%C3%A9t%C3%A9%2');
+-- not UTF-8 once decoded: as it came
+SELECT storyboard_worker.email_url_decode('bad%FFbyte');
 DROP EXTENSION storyboard_worker;

@@ -203,12 +203,13 @@ CREATE FUNCTION storyboard_worker.render_template(template text, context jsonb,
 
 -- Which template an event would use, and for whom: the event's resource
 -- and id (a task DELETE reaches the subscribers of its story, as
--- StoryBoard's plugin does), and the story whose privacy limits the
--- recipients.  A NULL template: no mail for this event.  Runs as the plugin
+-- StoryBoard's plugin does), the story whose privacy limits the recipients
+-- (and whether it is private, when the message says), and a task's
+-- project.  A NULL template: no mail for this event.  Runs as the plugin
 -- role: StoryBoard's tables are found through its search_path.
 CREATE FUNCTION storyboard_worker.email_route(e storyboard_worker.event,
 	OUT template text, OUT kind text, OUT resource text, OUT resource_id bigint,
-	OUT story_id bigint)
+	OUT story_id bigint, OUT project_id bigint, OUT story_private boolean)
 	LANGUAGE plpgsql STABLE AS $$
 DECLARE
 	et		text;
@@ -244,6 +245,11 @@ BEGIN
 			ELSIF item OPERATOR(pg_catalog.->>) 'item_type' OPERATOR(pg_catalog.=) 'task' THEN
 				SELECT t.story_id INTO story_id FROM tasks t
 				 WHERE t.id = (item OPERATOR(pg_catalog.->>) 'item_id')::bigint;
+				IF NOT FOUND THEN
+					RAISE EXCEPTION 'task % is not visible yet', item OPERATOR(pg_catalog.->>) 'item_id'
+						USING ERRCODE = 'SB001',
+							  HINT = 'StoryBoard publishes before its transaction commits; retried.';
+				END IF;
 			END IF;
 		END IF;
 	ELSIF resource IS NULL OR resource NOT IN ('task', 'project_group', 'project', 'story') THEN
@@ -260,16 +266,32 @@ BEGIN
 		COALESCE('/' OPERATOR(pg_catalog.||) sub, '')
 		OPERATOR(pg_catalog.||) '/' OPERATOR(pg_catalog.||) method;
 	IF resource OPERATOR(pg_catalog.=) 'story' THEN
+		-- the message's own snapshot says whether the story is private now (a
+		-- PUT making it private may not be visible in the table yet)
 		story_id := resource_id;
+		story_private := (COALESCE(e.resource_after, e.resource_before)
+						  OPERATOR(pg_catalog.->>) 'private')::boolean;
 	ELSIF resource OPERATOR(pg_catalog.=) 'task' THEN
 		IF method OPERATOR(pg_catalog.=) 'DELETE' THEN
+			-- the subscribers of its story; a story gone too counts as private
 			resource := 'story';
 			resource_id := (e.resource_before OPERATOR(pg_catalog.->>) 'story_id')::bigint;
 			story_id := resource_id;
+			story_private := COALESCE((SELECT st.private FROM stories st WHERE st.id = story_id), true);
 		ELSE
-			story_id := COALESCE(
-				(e.resource_after OPERATOR(pg_catalog.->>) 'story_id')::bigint,
-				(SELECT t.story_id FROM tasks t WHERE t.id = e.resource_id));
+			-- where the task is now: the snapshot, else the table (a task
+			-- created in a transaction not committed yet: retried)
+			story_id := (e.resource_after OPERATOR(pg_catalog.->>) 'story_id')::bigint;
+			project_id := (e.resource_after OPERATOR(pg_catalog.->>) 'project_id')::bigint;
+			IF story_id IS NULL THEN
+				SELECT t.story_id, t.project_id INTO story_id, project_id
+				  FROM tasks t WHERE t.id = e.resource_id;
+				IF NOT FOUND THEN
+					RAISE EXCEPTION 'task % is not visible yet', e.resource_id
+						USING ERRCODE = 'SB001',
+							  HINT = 'StoryBoard publishes before its transaction commits; retried.';
+				END IF;
+			END IF;
 		END IF;
 	END IF;
 END
@@ -300,7 +322,8 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION storyboard_worker.email_subscribers(resource text, resource_id bigint)
+CREATE FUNCTION storyboard_worker.email_subscribers(resource text, resource_id bigint,
+													story_id bigint, project_id bigint)
 	RETURNS bigint[]
 	LANGUAGE plpgsql STABLE AS $$
 #variable_conflict use_column
@@ -326,20 +349,20 @@ BEGIN
 			  JOIN subscriptions s ON s.target_id = g.project_group_id
 			 WHERE s.target_type::text = 'project_group') x;
 	ELSIF $1 = 'task' THEN
+		-- its story and project as the message has them ($3, $4)
 		SELECT pg_catalog.array_agg(DISTINCT x.user_id) INTO ids FROM (
 			SELECT s.user_id FROM subscriptions s
 			 WHERE s.target_type::text = 'task' AND s.target_id = $2
 			UNION ALL
-			SELECT s.user_id FROM tasks t JOIN subscriptions s ON s.target_id = t.story_id
-			 WHERE t.id = $2 AND s.target_type::text = 'story'
+			SELECT s.user_id FROM subscriptions s
+			 WHERE s.target_type::text = 'story' AND s.target_id = $3
 			UNION ALL
-			SELECT s.user_id FROM tasks t JOIN subscriptions s ON s.target_id = t.project_id
-			 WHERE t.id = $2 AND s.target_type::text = 'project'
+			SELECT s.user_id FROM subscriptions s
+			 WHERE s.target_type::text = 'project' AND s.target_id = $4
 			UNION ALL
-			SELECT s.user_id FROM tasks t
-			  JOIN project_group_mapping m ON m.project_id = t.project_id
+			SELECT s.user_id FROM project_group_mapping m
 			  JOIN subscriptions s ON s.target_id = m.project_group_id
-			 WHERE t.id = $2 AND s.target_type::text = 'project_group') x;
+			 WHERE m.project_id = $4 AND s.target_type::text = 'project_group') x;
 	ELSIF $1 = 'project' THEN
 		SELECT pg_catalog.array_agg(DISTINCT x.user_id) INTO ids FROM (
 			SELECT s.user_id FROM subscriptions s
@@ -362,16 +385,27 @@ $$;
 -- receive_notifications_worklists and, for a private worklist, its
 -- permission.  digest: the mail waits for the subscriber's daily digest.
 CREATE FUNCTION storyboard_worker.email_recipients(resource text, resource_id bigint,
-												   story_id bigint)
+												   story_id bigint, project_id bigint,
+												   story_private boolean)
 	RETURNS TABLE (user_id bigint, email text, full_name text, digest boolean,
 				   digest_time integer)
 	LANGUAGE plpgsql STABLE AS $$
 #variable_conflict use_column
 DECLARE
-	ids		bigint[] := storyboard_worker.email_subscribers($1, $2);
+	ids		bigint[] := storyboard_worker.email_subscribers($1, $2, $3, $4);
+	is_private	boolean := $5;
 BEGIN
 	IF ids IS NULL THEN
 		RETURN;
+	END IF;
+	IF $3 IS NOT NULL AND is_private IS NULL THEN
+		-- fails closed: a story not visible yet is retried, not taken for public
+		SELECT st.private INTO is_private FROM stories st WHERE st.id = $3;
+		IF NOT FOUND THEN
+			RAISE EXCEPTION 'story % is not visible yet', $3
+				USING ERRCODE = 'SB001',
+					  HINT = 'StoryBoard publishes before its transaction commits; retried.';
+		END IF;
 	END IF;
 	RETURN QUERY
 	SELECT u.id::bigint, u.email::text, u.full_name::text,
@@ -397,7 +431,7 @@ BEGIN
 	   AND pg_catalog.lower(COALESCE(pr.enable, '')) = 'true'
 	   -- a private story (or the story a worklist card is about)
 	   AND ($3 IS NULL
-			OR NOT COALESCE((SELECT st.private FROM stories st WHERE st.id = $3), false)
+			OR NOT COALESCE(is_private, false)
 			OR EXISTS (SELECT 1 FROM story_permissions sp
 						 JOIN user_permissions up ON up.permission_id = sp.permission_id
 						WHERE sp.story_id = $3 AND up.user_id = u.id)
@@ -484,7 +518,8 @@ BEGIN
 END
 $$;
 
--- %XX and + of a query string value, decoded (UTF-8).
+-- %XX and + of a query string value, decoded (UTF-8); as it is if that is
+-- not UTF-8.
 CREATE FUNCTION storyboard_worker.email_url_decode(s text)
 	RETURNS text
 	LANGUAGE plpgsql IMMUTABLE STRICT AS $$
@@ -494,6 +529,8 @@ BEGIN
 				  ELSE pg_catalog.convert_to(m[2], 'UTF8') END, ''::bytea ORDER BY n), ''::bytea), 'UTF8')
 	  FROM pg_catalog.regexp_matches(pg_catalog.replace($1, '+', ' '),
 									 '(%[0-9A-Fa-f]{2})|([^%]+|%)', 'g') WITH ORDINALITY AS r(m, n));
+EXCEPTION WHEN character_not_in_repertoire OR untranslatable_character THEN
+	RETURN $1;	-- not UTF-8 once decoded: shown as it came
 END
 $$;
 
@@ -672,6 +709,12 @@ CREATE FUNCTION storyboard_worker.email_handler(event storyboard_worker.event)
 	RETURNS void
 	AS 'MODULE_PATHNAME', 'sbw_email_handler'
 	LANGUAGE C VOLATILE;
+-- The host name in Message-IDs and thread ids (email_smtp_local_hostname,
+-- else this host's name).
+CREATE FUNCTION storyboard_worker.email_host()
+	RETURNS text
+	AS 'MODULE_PATHNAME', 'sbw_email_host_sql'
+	LANGUAGE C STABLE;
 CREATE FUNCTION storyboard_worker.email_enabled()
 	RETURNS boolean
 	AS 'MODULE_PATHNAME', 'sbw_email_enabled'
@@ -705,9 +748,7 @@ DECLARE
 	ids		bigint[];
 	items	text;
 	ctx		jsonb;
-	host	text := COALESCE(NULLIF(
-				pg_catalog.current_setting('storyboard_worker.email_smtp_local_hostname', true), ''),
-				'localhost');
+	host	text := storyboard_worker.email_host();
 BEGIN
 	SELECT t.subject, t.body_text, t.body_html INTO tmpl
 	  FROM (SELECT o.subject, o.body_text, o.body_html, 0 AS pref
@@ -743,7 +784,8 @@ BEGIN
 		CONTINUE WHEN pg_catalog.cardinality(ids) OPERATOR(pg_catalog.=) 0;
 		SELECT pg_catalog.string_agg(s.block, E'\n\n' ORDER BY s.first_id) INTO items
 		  FROM (SELECT pg_catalog.min(o.id) AS first_id,
-					   COALESCE('Story "' OPERATOR(pg_catalog.||) pg_catalog.max(o.story_title)
+					   COALESCE('Story "' OPERATOR(pg_catalog.||)
+							(pg_catalog.array_agg(o.story_title ORDER BY o.id DESC))[1]
 						   OPERATOR(pg_catalog.||) '"', 'Worklists')
 					   OPERATOR(pg_catalog.||) E':\n' OPERATOR(pg_catalog.||)
 					   pg_catalog.string_agg('  - ' OPERATOR(pg_catalog.||)
@@ -821,4 +863,5 @@ SELECT (SELECT pg_catalog.count(*) FROM storyboard_worker.outbox
 	   m.pid AS mailer_pid, m.state AS mailer_state, m.mails_sent, m.mails_failed,
 	   m.mails_retried, m.last_sent_at, m.last_error, m.last_error_at
   FROM storyboard_worker.mailer_status() m;
-GRANT SELECT ON storyboard_worker.outbox_stats TO PUBLIC;
+-- last_error may hold recipients' addresses: the owner's, or granted
+REVOKE ALL ON storyboard_worker.outbox_stats FROM PUBLIC;

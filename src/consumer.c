@@ -61,6 +61,7 @@
 #include "utils/varlena.h"
 #include "utils/wait_event.h"
 
+#include "compat.h"
 #include "acks.h"
 #include "amqp_link.h"
 #include "dispatch.h"
@@ -775,7 +776,7 @@ sbw_lock_redeliveries(void)
 static void
 sbw_unlock_redeliveries(void)
 {
-	if (cs.redelivery_locked && LockHeldByMe(&cs.redelivery_tag, ExclusiveLock))
+	if (cs.redelivery_locked && sbw_lock_held(&cs.redelivery_tag, ExclusiveLock))
 		LockRelease(&cs.redelivery_tag, ExclusiveLock, true);
 	cs.redelivery_locked = false;
 }

@@ -47,6 +47,7 @@
 #include "utils/typcache.h"
 #include "utils/wait_event.h"
 
+#include "compat.h"
 #include "event_decode.h"
 #include "namecache.h"
 #include "plugins.h"
@@ -258,7 +259,7 @@ sbw_is_transient(int sqlerrcode)
 		case ERRCODE_SBW_RETRY_LATER:
 			return true;
 		case ERRCODE_QUERY_CANCELED:
-			return IsBackgroundWorker;
+			return SBW_IS_BGWORKER();
 		default:
 			return false;
 	}
@@ -522,7 +523,7 @@ sbw_run_plugin(SbwDispatch *d, const SbwMessage *msg, const SbwEvent *ev,
 		return;
 	}
 
-	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED && !IsBackgroundWorker)
+	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED && !SBW_IS_BGWORKER())
 		ReThrowError(edata);
 
 	if (d->keep_failures)
@@ -610,7 +611,7 @@ sbw_dispatch_with(SbwDispatch *d, const SbwMessage *msg, SbwPluginSet *set)
 	 * only.  A consumer's transaction has none (every plugin scope fires
 	 * its own), and its first plugin keeps each constraint's default.
 	 */
-	if (!IsBackgroundWorker)
+	if (!SBW_IS_BGWORKER())
 		sbw_fire_deferred_constraints();
 
 	foreach(lc, set->plugins)

@@ -42,6 +42,7 @@
 
 PG_FUNCTION_INFO_V1(sbw_email_handler);
 PG_FUNCTION_INFO_V1(sbw_email_enabled);
+PG_FUNCTION_INFO_V1(sbw_email_host_sql);
 
 /* StoryBoard's subject limit (factory.py): longer ones end in "...". */
 #define SBW_SUBJECT_MAX		78
@@ -66,6 +67,10 @@ typedef struct SbwEmailRoute
 	bool		resource_id_null;
 	Datum		story_id;
 	bool		story_id_null;
+	Datum		project_id;
+	bool		project_id_null;
+	Datum		story_private;
+	bool		story_private_null;
 } SbwEmailRoute;
 
 /* A template: subject, text, optional HTML. */
@@ -100,20 +105,21 @@ typedef struct SbwEmailPlan
 {
 	const char *sql;
 	int			nargs;
-	Oid			argtypes[3];	/* InvalidOid: the event's row type */
+	Oid			argtypes[5];	/* InvalidOid: the event's row type */
 	Oid			event_type;		/* the row type the plan was made for */
 	SPIPlanPtr	plan;
 } SbwEmailPlan;
 
 static SbwEmailPlan route_plan = {
-	"SELECT r.template, r.kind, r.resource, r.resource_id, r.story_id"
+	"SELECT r.template, r.kind, r.resource, r.resource_id, r.story_id,"
+	"       r.project_id, r.story_private"
 	"  FROM storyboard_worker.email_route($1) r",
 	1, {InvalidOid}
 };
 static SbwEmailPlan recipients_plan = {
 	"SELECT r.user_id, r.email, r.full_name, r.digest, r.digest_time"
-	"  FROM storyboard_worker.email_recipients($1, $2, $3) r",
-	3, {TEXTOID, INT8OID, INT8OID}
+	"  FROM storyboard_worker.email_recipients($1, $2, $3, $4, $5) r",
+	5, {TEXTOID, INT8OID, INT8OID, INT8OID, BOOLOID}
 };
 static SbwEmailPlan context_plan = {
 	"SELECT storyboard_worker.email_context($1, $2, $3)",
@@ -166,7 +172,8 @@ sbw_email_host(void)
 	if (gethostname(name, sizeof(name)) != 0 || name[0] == '\0')
 		return pstrdup("localhost");
 	name[sizeof(name) - 1] = '\0';
-	return pstrdup(name);
+	name[strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")] = '\0';
+	return pstrdup(name[0] ? name : "localhost");
 }
 
 /*
@@ -250,7 +257,7 @@ sbw_email_exec(SbwEmailPlan *p, Oid event_type, Datum *args, const char *nulls)
 	}
 	if (p->plan == NULL)
 	{
-		Oid			types[3];
+		Oid			types[5];
 		SPIPlanPtr	plan;
 		int			i;
 
@@ -290,6 +297,8 @@ sbw_email_route(HeapTupleHeader row, SbwEmailRoute *route)
 	route->resource = sbw_spi_text(0, 3);
 	route->resource_id = SPI_getbinval(tup, desc, 4, &route->resource_id_null);
 	route->story_id = SPI_getbinval(tup, desc, 5, &route->story_id_null);
+	route->project_id = SPI_getbinval(tup, desc, 6, &route->project_id_null);
+	route->story_private = SPI_getbinval(tup, desc, 7, &route->story_private_null);
 	return route->template != NULL && route->resource != NULL && !route->resource_id_null;
 }
 
@@ -493,14 +502,17 @@ sbw_email_queue(SbwEmailMail *mail, SPITupleTable *rcpt, uint64 n)
 static SPITupleTable *
 sbw_email_recipients(SbwEmailRoute *route, Oid event_type, uint64 *n)
 {
-	Datum		args[3];
-	char		nulls[3] = {' ', ' ', ' '};
+	Datum		args[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
 
 	args[0] = CStringGetTextDatum(route->resource);
 	args[1] = route->resource_id;
 	args[2] = route->story_id;
-	if (route->story_id_null)
-		nulls[2] = 'n';
+	nulls[2] = route->story_id_null ? 'n' : ' ';
+	args[3] = route->project_id;
+	nulls[3] = route->project_id_null ? 'n' : ' ';
+	args[4] = route->story_private;
+	nulls[4] = route->story_private_null ? 'n' : ' ';
 	sbw_email_exec(&recipients_plan, event_type, args, nulls);
 	*n = SPI_processed;
 	return SPI_tuptable;
@@ -552,6 +564,7 @@ sbw_email_handler(PG_FUNCTION_ARGS)
 		elog(ERROR, "email plugin: SPI_connect failed");
 	path = sbw_email_search_path();
 	nestlevel = sbw_search_path_begin(path);
+	pfree(path);
 
 	/*
 	 * Generic plans for the SQL functions' statements too: their custom
@@ -562,9 +575,15 @@ sbw_email_handler(PG_FUNCTION_ARGS)
 							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
 	sbw_email_event(row);
 	sbw_search_path_end(nestlevel);
-	pfree(path);
 	SPI_finish();
 	PG_RETURN_VOID();
+}
+
+/* storyboard_worker.email_host(): the host name mails carry (digests too). */
+Datum
+sbw_email_host_sql(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(sbw_email_host()));
 }
 
 /* storyboard_worker.email_enabled(): storyboard_worker.email_enable. */

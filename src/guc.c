@@ -92,6 +92,23 @@ sbw_check_header_value(char **newval, void **extra, GucSource source)
 }
 
 /*
+ * The EHLO name and the host part of Message-IDs: a host name (letters,
+ * digits, dots, hyphens), or empty for this host's own name.
+ */
+static bool
+sbw_check_host_name(char **newval, void **extra, GucSource source)
+{
+	if (*newval && strspn(*newval, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")
+		!= strlen(*newval))
+	{
+		GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+		GUC_check_errdetail("A host name holds only letters, digits, dots and hyphens.");
+		return false;
+	}
+	return true;
+}
+
+/*
  * The email settings, mirroring StoryBoard's [plugin_email] options, plus
  * what it lacks (STARTTLS, a CA file, attempts, retention).  All reload.
  */
@@ -138,7 +155,7 @@ sbw_define_email_gucs(void)
 							   "Name given in EHLO and in Message-IDs; empty for this host's name.",
 							   NULL,
 							   &sbw_email_smtp_local_hostname, "",
-							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+							   PGC_SIGHUP, 0, sbw_check_host_name, NULL, NULL);
 	DefineCustomStringVariable("storyboard_worker.email_smtp_user",
 							   "SMTP login; empty for none.",
 							   NULL,

@@ -346,7 +346,10 @@ sbw_mailer_send_one(void)
 		mail.in_reply_to = sbw_claimed_text(7);
 		mail.kind = sbw_claimed_text(8);
 		sbw_mailer_set_state("sending");
+		/* no snapshot held while the server takes its time (the row lock stays) */
+		PopActiveSnapshot();
 		o.result = sbw_smtp_send(&mail, o.error, sizeof(o.error));
+		PushActiveSnapshot(GetTransactionSnapshot());
 		if (o.result != SBW_SMTP_SENT)
 			sbw_mailer_plan_retry(&o, DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0],
 																  SPI_tuptable->tupdesc, 9, &isnull)));
@@ -359,7 +362,7 @@ sbw_mailer_send_one(void)
 	if (!claimed)
 		return false;
 	sbw_mailer_count(&o);
-	if (o.result == SBW_SMTP_UNREACHABLE && o.attempts < sbw_email_max_attempts)
+	if (o.result == SBW_SMTP_SESSION_FAILED && o.attempts < sbw_email_max_attempts)
 	{
 		pause_until = o.next_attempt;
 		return false;
@@ -449,14 +452,25 @@ sbw_mailer_main(Datum main_arg)
 		{
 			TimestampTz now = GetCurrentTimestamp();
 
+			bool		drained = false;
+
+			/* send what is due; the periodic work and a reload do not wait for the end */
 			if (pause_until <= now)
-				while (sbw_mailer_send_one())
+				while (!(drained = !sbw_mailer_send_one()))
 				{
 					CHECK_FOR_INTERRUPTS();
-					if (ConfigReloadPending)
+					if (ConfigReloadPending || GetCurrentTimestamp() >= next_tick)
 						break;
 				}
 			sleep_ms = sbw_mailer_tick();
+
+			/*
+			 * Due mail left after the queue was drained is locked by someone
+			 * else (SKIP LOCKED passed it over): look again in a second, not
+			 * at once.
+			 */
+			if (drained && sleep_ms == 0 && pause_until <= now)
+				sleep_ms = 1000;
 		}
 		sbw_mailer_set_state("idle");
 		pgstat_report_activity(STATE_IDLE, NULL);

@@ -17,6 +17,7 @@
 #include "catalog/namespace.h"
 #include "utils/memutils.h"
 
+#include "compat.h"
 #include "plugins.h"
 #include "namecache.h"
 
@@ -26,7 +27,7 @@ sbw_name_cache_stale(SbwNameCache *nc)
 {
 	return nc->path == NULL ||
 		nc->generation != sbw_catalog_generation() ||
-		!OverrideSearchPathMatchesCurrent((OverrideSearchPath *) nc->path);
+		!sbw_search_path_is_current((SBW_SAVED_PATH_TYPE *) nc->path);
 }
 
 /* See namecache.h. */
@@ -39,6 +40,6 @@ sbw_name_cache_refresh(SbwNameCache *nc)
 										ALLOCSET_SMALL_SIZES);
 	else
 		MemoryContextReset(nc->cxt);
-	nc->path = GetOverrideSearchPath(nc->cxt);
+	nc->path = sbw_save_search_path(nc->cxt);
 	nc->generation = sbw_catalog_generation();
 }

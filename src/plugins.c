@@ -52,6 +52,7 @@
 #include "utils/syscache.h"
 #include "utils/typcache.h"
 
+#include "compat.h"
 #include "scope.h"
 #include "storyboard_worker.h"
 #include "plugins.h"
@@ -184,7 +185,7 @@ sbw_plugin_role(void)
 		pfree(plugin_role_setting);
 	plugin_role_setting = MemoryContextStrdup(TopMemoryContext, setting);
 
-	if (IsBackgroundWorker && !superuser_warned && superuser_arg(plugin_role))
+	if (SBW_IS_BGWORKER() && !superuser_warned && superuser_arg(plugin_role))
 	{
 		superuser_warned = true;
 		ereport(WARNING,
@@ -452,7 +453,7 @@ sbw_check_owner(const char *what)
 {
 	Oid			extoid = get_extension_oid(SBW_EXTENSION_NAME, false);
 
-	if (!pg_extension_ownercheck(extoid, GetUserId()))
+	if (!sbw_owns_extension(extoid, GetUserId()))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied to %s", what),

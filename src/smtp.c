@@ -29,6 +29,7 @@
 #include "utils/memutils.h"
 #include "utils/wait_event.h"
 
+#include "compat.h"
 #include "email.h"
 #include "smtp.h"
 #include "storyboard_worker.h"
@@ -38,8 +39,9 @@
 
 static CURLM *multi = NULL;
 
-/* What the server last said, kept by the debug callback. */
+/* What the server last refused, and the command we sent last (debug callback). */
 static char last_reply[256];
+static char last_command[16];
 
 /* See smtp.h. */
 void
@@ -53,13 +55,30 @@ sbw_smtp_reset(void)
 }
 
 /*
- * libcurl's debug callback: keep the server's last 4xx or 5xx reply line
- * (for SMTP, CURLINFO_HEADER_IN), to report a refusal in its own words.
+ * libcurl's debug callback: keep the command we sent last (for SMTP,
+ * CURLINFO_HEADER_OUT: the message itself is DATA_OUT) and the server's
+ * last 4xx or 5xx reply line (HEADER_IN), to tell a refusal of this mail
+ * from one of the session, and to report it in the server's own words.
  */
 static int
 sbw_smtp_debug(CURL *easy, curl_infotype type, char *data, size_t size, void *arg)
 {
 	size_t		n = Min(size, sizeof(last_reply) - 1);
+
+	if (type == CURLINFO_HEADER_OUT)
+	{
+		char		verb[sizeof(last_command)];
+		size_t		i;
+
+		for (i = 0; i < size && i < sizeof(verb) - 1 &&
+			 data[i] != ' ' && data[i] != '\r' && data[i] != '\n'; i++)
+			verb[i] = data[i];
+		verb[i] = '\0';
+		/* the QUIT or RSET that follows a refusal does not replace it */
+		if (strcmp(verb, "QUIT") != 0 && strcmp(verb, "RSET") != 0)
+			strlcpy(last_command, verb, sizeof(last_command));
+		return 0;
+	}
 
 	/* a refusal, not the 221 to the QUIT that follows it */
 	if (type != CURLINFO_HEADER_IN || n == 0 || (data[0] != '4' && data[0] != '5'))
@@ -328,11 +347,7 @@ sbw_smtp_wait_once(void)
 	curl_multi_timeout(multi, &timeout_ms);
 	if (timeout_ms < 0 || timeout_ms > 1000)
 		timeout_ms = 1000;
-#if PG_VERSION_NUM >= 170000
-	set = CreateWaitEventSet(NULL, maxfd + 4);
-#else
-	set = CreateWaitEventSet(CurrentMemoryContext, maxfd + 4);
-#endif
+	set = sbw_create_wait_event_set(maxfd + 4);
 	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 	AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
 	for (fd = 0; fd <= maxfd; fd++)
@@ -358,11 +373,12 @@ sbw_smtp_run(CURL *easy)
 	int			running = 1;
 	CURLMsg    *msg;
 	int			left;
-	CURLcode	result = CURLE_OK;
+	CURLcode	result = CURLE_FAILED_INIT;	/* unless libcurl says it ended */
 
 	if (multi == NULL && (multi = curl_multi_init()) == NULL)
 		elog(ERROR, "could not create a libcurl multi handle");
-	curl_multi_add_handle(multi, easy);
+	if (curl_multi_add_handle(multi, easy) != CURLM_OK)
+		return CURLE_FAILED_INIT;
 	while (running)
 	{
 		if (curl_multi_perform(multi, &running) != CURLM_OK)
@@ -378,24 +394,28 @@ sbw_smtp_run(CURL *easy)
 }
 
 /*
- * What a failed transfer means for the mail.  A 5xx reply refuses it for
- * good, except to AUTH or STARTTLS (the settings are wrong, not the mail:
- * it waits for them to be fixed); everything else may work later, and no
- * reply at all (no connection) says so of every mail.
+ * What a failed transfer means for the mail.  Only a reply to RCPT TO or
+ * to the data is about this mail: a 5xx refuses it for good, a 4xx (but
+ * 421, the server closing) asks for it later.  No reply at all, or a
+ * refusal of the greeting, EHLO, STARTTLS, AUTH or MAIL FROM, is the
+ * server's or the settings' (a server that wants STARTTLS, a wrong
+ * password, a sender it does not take): every mail would fail the same
+ * way, so this one waits and the mailer pauses.
  */
 static SbwSmtpResult
 sbw_smtp_classify(CURLcode rc, long code, const char *errbuf, char *error, size_t errlen)
 {
 	const char *why = errbuf[0] ? errbuf : curl_easy_strerror(rc);
+	bool		this_mail = (strcmp(last_command, "RCPT") == 0 ||
+							 strcmp(last_command, "DATA") == 0);
 
 	if (last_reply[0] && code >= 400)
 		snprintf(error, errlen, "%s (%s)", last_reply, why);
 	else
 		snprintf(error, errlen, "%s", why);
-	if (code >= 500 && code < 600 && rc != CURLE_LOGIN_DENIED &&
-		rc != CURLE_USE_SSL_FAILED)
-		return SBW_SMTP_REFUSED;
-	return code == 0 ? SBW_SMTP_UNREACHABLE : SBW_SMTP_RETRY;
+	if (!this_mail || code < 400 || code == 421)
+		return SBW_SMTP_SESSION_FAILED;
+	return code >= 500 ? SBW_SMTP_REFUSED : SBW_SMTP_RETRY;
 }
 
 /* See smtp.h. */
@@ -428,6 +448,7 @@ sbw_smtp_send(const SbwSmtpMail *mail, char *error, size_t errlen)
 		elog(ERROR, "could not create a libcurl handle");
 	errbuf[0] = '\0';
 	last_reply[0] = '\0';
+	last_command[0] = '\0';
 	rcpt = curl_slist_append(NULL, mail->recipient);
 	PG_TRY();
 	{

@@ -23,9 +23,11 @@ typedef struct SbwSmtpMail
 typedef enum SbwSmtpResult
 {
 	SBW_SMTP_SENT,				/* the server answered 250 to the data */
-	SBW_SMTP_RETRY,				/* 4xx, TLS, login: later */
-	SBW_SMTP_UNREACHABLE,		/* no reply from the server at all: later */
-	SBW_SMTP_REFUSED			/* 5xx or a bad address: never */
+	SBW_SMTP_RETRY,				/* 4xx to this mail (RCPT, DATA): later */
+	SBW_SMTP_SESSION_FAILED,	/* no connection, or the session refused
+								 * (greeting, EHLO, STARTTLS, AUTH, MAIL FROM,
+								 * 421): later, and no other mail meanwhile */
+	SBW_SMTP_REFUSED			/* 5xx to this mail, or a bad address: never */
 } SbwSmtpResult;
 
 /*

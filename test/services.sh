@@ -24,6 +24,8 @@
 #   svc_stop_all / svc_cleanup / svc_env (print exports for a shell)
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+# psql and pg_isready: PostgreSQL 15's when PGBIN has none (a 17 or 18 server, test/pg_majors.sh)
+if [ -x "$PGBIN/psql" ]; then PGCLIENT=${PGCLIENT:-$PGBIN}; else PGCLIENT=${PGCLIENT:-/usr/lib/postgresql/15/bin}; fi
 RMQ_BIN=${RMQ_BIN:-/usr/lib/rabbitmq/bin}
 SBW_RMQ_USER=${SBW_RMQ_USER:-storyboard}
 SBW_RMQ_PASS=${SBW_RMQ_PASS:-storyboard}
@@ -121,11 +123,11 @@ pg_start_again() {   # start the existing data directory
 	export PGHOST PGPORT PGUSER PG_PID
 	svc_save
 	for i in $(seq 1 600); do
-		"$PGBIN/pg_isready" -q -h "$d" -p "$PG_PORT" && break
+		"$PGCLIENT/pg_isready" -q -h "$d" -p "$PG_PORT" && break
 		_alive "$PG_PID" || { echo "pg_start: postgres died" >&2; tail -30 "$PG_LOG" >&2; PG_PID=; svc_save; return 1; }
 		sleep 0.05
 	done
-	"$PGBIN/pg_isready" -q -h "$d" -p "$PG_PORT" || { echo "pg_start: not ready" >&2; return 1; }
+	"$PGCLIENT/pg_isready" -q -h "$d" -p "$PG_PORT" || { echo "pg_start: not ready" >&2; return 1; }
 }
 pg_stop() {   # fast shutdown (SIGINT), as pg_ctl -m fast
 	[ -n "${PG_PID:-}" ] || return 0
@@ -152,7 +154,7 @@ _pg_wait_children_gone() {   # the postmaster.pid file goes last; wait for the p
 	return 0
 }
 pg_restart() { pg_stop && pg_start_again; }
-pg_psql() { "$PGBIN/psql" -X -v ON_ERROR_STOP=1 -h "$PGHOST" -p "$PGPORT" -U postgres "$@"; }
+pg_psql() { "$PGCLIENT/psql" -X -v ON_ERROR_STOP=1 -h "$PGHOST" -p "$PGPORT" -U postgres "$@"; }
 
 # ---------------------------------------------------------------- RabbitMQ
 _rmq_env_init() {

@@ -7,7 +7,7 @@ makes it answer otherwise:
 
     {"rcpt": "550 5.1.1 no such user", "data": "451 4.3.0 try again", "times": 2}
 
-answers the next 2 RCPT (or DATA) commands with that reply ("times": -1:
+answers the next 2 MAIL, RCPT (or DATA) commands with that reply ("times": -1:
 always); the file is rewritten as replies are used up.
 
 Usage: smtp_sink.py DIR PORT [STARTTLS_PORT IMPLICIT_TLS_PORT CERT KEY USER PASSWORD]
@@ -57,6 +57,14 @@ class Sink:
                     json.dump(c, f)
                 os.rename(tmp, path)
             return reply
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        reply = self._control("mail")
+        if reply:
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self._control("rcpt")

@@ -193,8 +193,9 @@ def wait_rows(cluster, mark, n, where="true", timeout=30):
                     "%d outbox rows where %s (have %r)" % (n, where, rows(cluster, mark, where)))
 
 
-def story_put(story_id, old, new, author_id=501):
-    before = sbw.publish.story_json(story_id, old, "d", created_at="2026-01-02T03:04:00+00:00")
+def story_put(story_id, old, new, author_id=501, private=False):
+    before = sbw.publish.story_json(story_id, old, "d", created_at="2026-01-02T03:04:00+00:00",
+                                    private=private)
     after = dict(before, title=new, updated_at="2026-12-01T10:00:00+00:00")
     return sbw.publish.event_body("story", author_id=author_id, method="PUT", url=URL,
                                   path="/v1/stories/%d" % story_id, query_string="", status=200,
@@ -221,7 +222,7 @@ def test_recipients_follow_storyboards_rules(mail):
                    ("gus@example.com", False)}, got
 
     mark2 = cluster.one("SELECT max(id) FROM storyboard_worker.outbox")
-    publisher.publish(story_put(502, "Secret story", "Secret story v2"))
+    publisher.publish(story_put(502, "Secret story", "Secret story v2", private=True))
     r = wait_rows(cluster, mark2, 2, "subject LIKE '%Secret story v2%'")
     time.sleep(1)   # nobody else comes later
     got = {x["recipient"] for x in rows(cluster, mark2, "subject LIKE '%Secret story v2%'")}
@@ -248,6 +249,42 @@ def test_recipients_follow_storyboards_rules(mail):
     time.sleep(1)
     r = rows(cluster, mark4, "kind = 'worklist'")
     assert len(r) == 1 and "Mail story" in r[0]["body_text"] and "Secret" not in r[0]["body_text"], r
+
+
+def test_task_created_before_its_row_is_visible_is_mailed_once_it_is(mail):
+    """StoryBoard publishes before it commits: a task POST whose row (and the subscribers'
+    view of it) is not there yet is retried (SB001), not mailed to nobody."""
+    cluster, sink, publisher, mark = mail
+    cluster.set_gucs(max_retries=10)
+    p = sbw.publish
+    publisher.publish(p.event_body("task", author_id=501, method="POST", url=URL, path="/v1/tasks",
+                                   query_string="", status=201, resource_id=560,
+                                   resource_after=p.task_json(560, 501, title="Late task",
+                                                              project_id=501, assignee_id=501)))
+    time.sleep(0.5)
+    cluster.execute("INSERT INTO tasks (id, creator_id, title, status, story_id, project_id, assignee_id) "
+                    "VALUES (560, 501, 'Late task', 'todo', 501, 501, 501)")
+    try:
+        r = wait_rows(cluster, mark, 5, "subject = 'Task \"Late task\" was created.'")
+        assert {x["recipient"] for x in r} == {"ann@example.com", "bob@example.com", "eve@example.com",
+                                               "fay@example.com", "gus@example.com"}, r
+        assert cluster.one("SELECT count(*) FROM storyboard_worker.dead_letters WHERE plugin = 'email'") == 0
+    finally:
+        cluster.execute("DELETE FROM tasks WHERE id = 560")
+
+
+def test_a_story_made_private_is_mailed_as_private(mail, services):
+    """The message's snapshot decides: a PUT that makes the story private, consumed before
+    StoryBoard's commit shows it, is not mailed to those who may not see it."""
+    cluster, sink, publisher, mark = mail
+    ev = story_put(501, "Mail story", "Now private")
+    ev["resource_after"]["private"] = True
+    since = cluster.one("SELECT clock_timestamp()")
+    publisher.publish(ev)
+    wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.ledger WHERE processed_at > %s",
+                                 (since,)) >= 1, 30, "the event processed")
+    got = {x["recipient"] for x in rows(cluster, mark, "subject LIKE '%Now private%'")}
+    assert got == set(), got   # story 501 has no permission rows: nobody may see it
 
 
 # ---------------------------------------------------------------- templates
@@ -431,6 +468,25 @@ def test_4xx_is_retried_then_sent(mail):
         assert len(sink.by_message_id(x["message_id"])) == 1
 
 
+def test_a_refused_session_pauses_instead_of_failing_the_queue(mail):
+    """A 5xx to MAIL FROM (here: a server that wants STARTTLS first) is the settings', not the
+    mail's: nothing is marked failed; the mailer pauses, then sends every mail once."""
+    cluster, sink, publisher, mark = mail
+    sink.control(mail="530 5.7.0 Must issue a STARTTLS command first", times=2)
+    publisher.publish(story_put(501, "Mail story", "Session refused"))
+    wait_rows(cluster, mark, 5)
+    r = wait_for(lambda: rows(cluster, mark, "attempts > 0") or None, 30, "a refused attempt")
+    assert r[0]["status"] == "pending" and r[0]["last_error"].startswith("530 5.7.0"), r
+    wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.outbox WHERE id > %s "
+                                 "AND status = 'pending'", (mark,)) == 0, 60, "every mail sent")
+    sent = rows(cluster, mark, "status <> 'digest'")
+    assert {x["status"] for x in sent} == {"sent"}, sent
+    # two refusals in all (the mailer paused after each, not trying the other mails the same way)
+    assert sum(x["attempts"] for x in sent) == len(sent) + 2, sent
+    for x in sent:
+        assert len(sink.by_message_id(x["message_id"])) == 1
+
+
 def test_5xx_fails_visibly_and_retry_mail_sends_it(mail):
     cluster, sink, publisher, mark = mail
     sink.control(rcpt="550 5.1.1 <ann@example.com>: Recipient address rejected", times=1)
@@ -518,6 +574,17 @@ def test_digests(mail):
     first = wait_rows(cluster, mark, 1, "kind = 'digest'")[0]
     assert "1 notifications" in first["subject"] and "Digest one" in first["body_text"], first
     assert "review" not in first["body_text"]
+    # a time of day still to come today: the last one that passed was yesterday's
+    cluster.execute("UPDATE user_preferences SET value = ((extract(epoch FROM now() AT TIME ZONE 'UTC')::bigint "
+                    "+ 3600) % 86400)::text WHERE user_id = 502 AND key = 'plugin_email_digest_time'")
+    try:
+        rest = [x for x in waiting if x["id"] != one["id"]][0]
+        cluster.execute("UPDATE storyboard_worker.outbox SET created_at = now() - interval '2 hours' "
+                        "WHERE id = %s", (rest["id"],))
+        assert cluster.one("SELECT storyboard_worker.send_digests()") == 0   # after that time
+    finally:
+        cluster.execute("UPDATE user_preferences SET value = '0' "
+                        "WHERE user_id = 502 AND key = 'plugin_email_digest_time'")
     # force: everything waiting
     assert cluster.one("SELECT storyboard_worker.send_digests(true)") == 1
     assert cluster.one("SELECT storyboard_worker.send_digests(true)") == 0
@@ -570,8 +637,16 @@ def test_outbox_is_the_extensions_alone(mail):
                 with pytest.raises(Exception) as e:
                     cur.execute(sql)
                 assert "permission denied" in str(e.value), (sql, e.value)
+            # outbox_stats too: last_error may name recipients
+            with pytest.raises(Exception, match="permission denied"):
+                cur.execute("SELECT pending FROM storyboard_worker.outbox_stats")
+            cur.execute("RESET ROLE")
+            cur.execute("GRANT SELECT ON storyboard_worker.outbox_stats TO sbw_mail_nobody")
+            cur.execute("SET ROLE sbw_mail_nobody")
             cur.execute("SELECT pending >= 0 FROM storyboard_worker.outbox_stats")
             assert cur.fetchone()[0] is True
+            cur.execute("RESET ROLE")
+            cur.execute("REVOKE SELECT ON storyboard_worker.outbox_stats FROM sbw_mail_nobody")
         finally:
             conn.close()
     finally:

@@ -1,0 +1,58 @@
+/*-------------------------------------------------------------------------
+ *
+ * compat.h
+ *		The server API where PostgreSQL 15, 17 and 18 differ: one name for
+ *		each, so that the code reads the same on all.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef SBW_COMPAT_H
+#define SBW_COMPAT_H
+
+#include "catalog/namespace.h"
+#include "miscadmin.h"
+#include "storage/lock.h"
+#include "utils/acl.h"
+
+/* Is this process a background worker?  (17: a function of its own) */
+#if PG_VERSION_NUM >= 170000
+#define SBW_IS_BGWORKER()	AmBackgroundWorkerProcess()
+#else
+#define SBW_IS_BGWORKER()	IsBackgroundWorker
+#endif
+
+/* Does the role own the extension?  (16: the generic ownership check) */
+#if PG_VERSION_NUM >= 160000
+#include "catalog/pg_extension.h"
+#define sbw_owns_extension(extoid, roleid) \
+	object_ownercheck(ExtensionRelationId, (extoid), (roleid))
+#else
+#define sbw_owns_extension(extoid, roleid)	pg_extension_ownercheck((extoid), (roleid))
+#endif
+
+/* A saved search_path, and whether it is still the current one (17: renamed) */
+#if PG_VERSION_NUM >= 170000
+#define SBW_SAVED_PATH_TYPE			SearchPathMatcher
+#define sbw_save_search_path(cxt)	GetSearchPathMatcher(cxt)
+#define sbw_search_path_is_current(p)	SearchPathMatchesCurrentEnvironment(p)
+#else
+#define SBW_SAVED_PATH_TYPE			OverrideSearchPath
+#define sbw_save_search_path(cxt)	GetOverrideSearchPath(cxt)
+#define sbw_search_path_is_current(p)	OverrideSearchPathMatchesCurrent(p)
+#endif
+
+/* Do we hold this lock (exactly this mode)?  (17: a third argument) */
+#if PG_VERSION_NUM >= 170000
+#define sbw_lock_held(tag, mode)	LockHeldByMe((tag), (mode), false)
+#else
+#define sbw_lock_held(tag, mode)	LockHeldByMe((tag), (mode))
+#endif
+
+/* A wait event set not tied to a resource owner (17: the first argument) */
+#if PG_VERSION_NUM >= 170000
+#define sbw_create_wait_event_set(n)	CreateWaitEventSet(NULL, (n))
+#else
+#define sbw_create_wait_event_set(n)	CreateWaitEventSet(CurrentMemoryContext, (n))
+#endif
+
+#endif							/* SBW_COMPAT_H */
