@@ -374,6 +374,17 @@ def test_every_template_subject_and_fields(mail):
         assert wl["in_reply_to"] == "<storyboard.worklist.202601020306.501@sb.example.org>"
         assert {x["kind"] for x in r} == {"story", "task", "worklist"}
         assert len(r) == want, sorted(x["subject"] for x in r)
+        # who got each: story, comment, tag and task mail the story's subscribers with the
+        # preference (bob as a digest), worklist mail only fay (the worklist preference)
+        everyone = rows(cluster, mark)
+        for subject, _ in EXPECTED:
+            got = {(x["recipient"], x["status"] == "digest") for x in everyone if x["subject"] == subject}
+            if subject.startswith(("Worklist", "New permission", "A permission")):
+                assert got == {("fay@example.com", False)}, (subject, got)
+            else:
+                assert got == {("ann@example.com", False), ("bob@example.com", True),
+                               ("eve@example.com", False), ("fay@example.com", False),
+                               ("gus@example.com", False)}, (subject, got)
     finally:
         cluster.execute("DELETE FROM story_storytags WHERE storytag_id = 501")
 
