@@ -129,10 +129,8 @@ build() {
 	if [ -n "$missing" ]; then echo "symbols the server does not export: $missing" >&2; return 1; fi
 }
 
-SMOKE="test_subscription_plugin_through_the_broker or test_500_events_processed_exactly_once \
-or test_raising_plugin_dead_letters_then_replay or test_broker_stopped_and_restarted \
-or test_terminate_consumer_is_replaced_and_nothing_lost or test_recipients_follow_storyboards_rules \
-or test_delivered_with_headers or test_4xx_is_retried_then_sent or test_poison_bodies_dead_lettered_and_acked"
+# the smoke run: the tests named in test/smoke_selection (shared with test/package.sh)
+SMOKE=$(cat "$ROOT/test/smoke_selection")
 
 # ---- a throw-away RabbitMQ and a server of that major preloading the extension:
 # the pg_regress suites (run by Debian 12's psql 15: the npm server has none), then
