@@ -998,7 +998,8 @@ sbw_drain(void)
 }
 
 /*
- * Forget ledger rows older than ledger_retention.  Done by consumer 0
+ * Forget ledger rows older than ledger_retention (and dead letters older
+ * than dead_letter_retention, when set).  Done by consumer 0
  * only, once a minute whether the queue is dry or not, in its own short
  * transaction; a failure is logged and tried again later, never fatal.
  */
@@ -1015,6 +1016,9 @@ sbw_prune_ledger(void)
 
 		sbw_begin("storyboard_worker: pruning the ledger");
 		n = sbw_ledger_prune(cutoff);
+		if (sbw_dead_letter_retention > 0)
+			(void) sbw_dead_letters_prune(GetCurrentTimestamp() -
+										  (TimestampTz) sbw_dead_letter_retention * USECS_PER_SEC);
 		SPI_finish();
 		PopActiveSnapshot();
 		CommitTransactionCommand();

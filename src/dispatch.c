@@ -424,7 +424,7 @@ sbw_keep_message(SbwDispatch *d, const SbwMessage *msg, const char *why,
 	d->undecodable = true;
 	if (d->keep_undecodable)
 		id = sbw_dead_letter(msg, NULL, error, sqlstate);
-	ereport(WARNING,
+	ereport(sbw_failure_log_level,
 			(errmsg("storyboard_worker %s: %s", why, error),
 			 id ? errdetail("Routing key \"%s\", %zu bytes, message id %s; kept as dead letter %lld.",
 							msg->routing_key ? msg->routing_key : "",
@@ -529,7 +529,7 @@ sbw_run_plugin(SbwDispatch *d, const SbwMessage *msg, const SbwEvent *ev,
 	if (d->keep_failures)
 		id = sbw_dead_letter(msg, p->name, edata->message,
 							 unpack_sql_state(edata->sqlerrcode));
-	ereport(WARNING,
+	ereport(sbw_failure_log_level,
 			(errmsg("storyboard_worker plugin \"%s\" failed: %s",
 					p->name, edata->message),
 			 errdetail("SQLSTATE %s; %s %s event%s%s.",
@@ -768,6 +768,24 @@ static SbwStmt replay_read_stmt = SBW_STMT(
 static SbwStmt replay_done_stmt = SBW_STMT(
 	"DELETE FROM storyboard_worker.dead_letters WHERE id OPERATOR(pg_catalog.=) $1",
 	1, INT8OID);
+
+static SbwStmt prune_dead_letters_stmt = SBW_STMT(
+	"DELETE FROM storyboard_worker.dead_letters"
+	" WHERE received_at OPERATOR(pg_catalog.<) $1",
+	1, TIMESTAMPTZOID);
+
+/*
+ * Delete the dead letters received before the cutoff (dead_letter_retention,
+ * computed by the caller in C); returns how many.  SPI connected.
+ */
+uint64
+sbw_dead_letters_prune(TimestampTz cutoff)
+{
+	Datum		args[1] = {TimestampTzGetDatum(cutoff)};
+
+	(void) sbw_stmt_execute(&prune_dead_letters_stmt, args, NULL, false, 0, SPI_OK_DELETE);
+	return SPI_processed;
+}
 
 static SbwStmt replay_failed_stmt = SBW_STMT(
 	"UPDATE storyboard_worker.dead_letters"

@@ -42,4 +42,7 @@ extern void sbw_dispatch(SbwDispatch *d, const SbwMessage *msg);
 extern void sbw_dispatch_give_up(SbwDispatch *d, const SbwMessage *msg,
 								 int failures, const char *last_error);
 
+/* Delete dead letters received before the cutoff (SPI connected). */
+extern uint64 sbw_dead_letters_prune(TimestampTz cutoff);
+
 #endif							/* SBW_DISPATCH_H */

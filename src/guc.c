@@ -43,6 +43,8 @@ int			sbw_max_retries = 5;
 int			sbw_max_redeliveries = 5;
 int			sbw_batch_size = 1;
 int			sbw_ledger_retention = 7 * 24 * 3600;
+int			sbw_dead_letter_retention = 0;
+int			sbw_failure_log_level = WARNING;
 char	   *sbw_role = NULL;
 
 bool		sbw_email_enable = false;
@@ -65,6 +67,14 @@ int			sbw_outbox_retention = 7 * 24 * 3600;
 static const struct config_enum_entry queue_type_options[] = {
 	{"classic", SBW_QUEUE_CLASSIC, false},
 	{"quorum", SBW_QUEUE_QUORUM, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry log_level_options[] = {
+	{"debug1", DEBUG1, false},
+	{"log", LOG, false},
+	{"notice", NOTICE, false},
+	{"warning", WARNING, false},
 	{NULL, 0, false}
 };
 
@@ -386,6 +396,16 @@ sbw_define_gucs(void)
 							NULL,
 							&sbw_ledger_retention, 7 * 24 * 3600, 60, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("storyboard_worker.dead_letter_retention",
+							"How long dead letters are kept; 0 keeps them until deleted or replayed.",
+							NULL,
+							&sbw_dead_letter_retention, 0, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomEnumVariable("storyboard_worker.plugin_failure_log_level",
+							 "Level of the log line for each plugin failure and each message kept undecoded.",
+							 "The dead letter is kept whatever the level.",
+							 &sbw_failure_log_level, WARNING, log_level_options,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
 
 	DefineCustomStringVariable("storyboard_worker.role",
 							   "Role the plugins run as.",

@@ -75,6 +75,8 @@ extern int	sbw_max_retries;
 extern int	sbw_max_redeliveries;
 extern int	sbw_batch_size;
 extern int	sbw_ledger_retention;
+extern int	sbw_dead_letter_retention;
+extern int	sbw_failure_log_level;
 extern char *sbw_role;
 extern bool sbw_email_enable;
 extern char *sbw_email_sender;
