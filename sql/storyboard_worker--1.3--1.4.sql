@@ -469,7 +469,10 @@ DECLARE
 	created	timestamp;
 BEGIN
 	ctx := pg_catalog.jsonb_build_object(
-		'author', COALESCE(e.author OPERATOR(pg_catalog.->>) 'full_name', 'Someone'),
+		-- the author's name, looked up here only for events that mail someone
+		-- (registered without reads_author: no lookup per event for the rest)
+		'author', COALESCE(e.author OPERATOR(pg_catalog.->>) 'full_name',
+						   (SELECT u.full_name FROM users u WHERE u.id = e.author_id), 'Someone'),
 		'url', base);
 	IF pg_catalog.starts_with(template, 'story/') OR pg_catalog.starts_with(template, 'task/') THEN
 		IF pg_catalog.starts_with(template, 'story/') THEN
@@ -704,7 +707,8 @@ END
 $$;
 
 -- The plugin itself, registered after "subscription"; enabled() is
--- storyboard_worker.email_enable.  It reads event.author (the full name).
+-- storyboard_worker.email_enable.  It looks the author up itself, and only
+-- when there is mail to write.
 CREATE FUNCTION storyboard_worker.email_handler(event storyboard_worker.event)
 	RETURNS void
 	AS 'MODULE_PATHNAME', 'sbw_email_handler'
@@ -724,7 +728,7 @@ COMMENT ON FUNCTION storyboard_worker.email_handler(storyboard_worker.event) IS
 REVOKE ALL ON FUNCTION storyboard_worker.email_handler(storyboard_worker.event) FROM PUBLIC;
 SELECT storyboard_worker.register_plugin('email',
 	'storyboard_worker.email_handler(storyboard_worker.event)',
-	'storyboard_worker.email_enabled()', true);
+	'storyboard_worker.email_enabled()', false);
 -- like "subscription", CREATE EXTENSION registers it: pg_dump leaves it out
 SELECT pg_catalog.pg_extension_config_dump('storyboard_worker.plugins',
 	'WHERE name OPERATOR(pg_catalog.<>) ALL (''{subscription,email}''::text[])');
