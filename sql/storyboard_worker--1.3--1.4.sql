@@ -729,9 +729,12 @@ REVOKE ALL ON FUNCTION storyboard_worker.email_handler(storyboard_worker.event) 
 SELECT storyboard_worker.register_plugin('email',
 	'storyboard_worker.email_handler(storyboard_worker.event)',
 	'storyboard_worker.email_enabled()', false);
--- like "subscription", CREATE EXTENSION registers it: pg_dump leaves it out
+-- like "subscription", CREATE EXTENSION registers it: pg_dump leaves it out;
+-- the identities of the registry and the dead letters go on after a restore
 SELECT pg_catalog.pg_extension_config_dump('storyboard_worker.plugins',
 	'WHERE name OPERATOR(pg_catalog.<>) ALL (''{subscription,email}''::text[])');
+SELECT pg_catalog.pg_extension_config_dump('storyboard_worker.plugins_position_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('storyboard_worker.dead_letters_id_seq', '');
 
 -- ---------------------------------------------------------------- digests
 -- Queue the digests that are due: for every subscriber with mails waiting

@@ -17,8 +17,10 @@ note() { printf '\n\033[1m== [package %s] %s\033[0m\n' "$(date +%T)" "$*"; }
 
 if [ "${SKIP_APT:-0}" != 1 ]; then
 	note "build dependencies"
+	# dpkg-buildpackage wants build-essential besides debian/control's Build-Depends
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-		debhelper postgresql-server-dev-all dpkg-dev fakeroot >/dev/null
+		build-essential debhelper postgresql-server-dev-all dpkg-dev fakeroot \
+		librabbitmq-dev libjson-c-dev libcurl4-openssl-dev libssl-dev pkg-config >/dev/null
 fi
 
 note "dpkg-buildpackage -us -uc -b"
@@ -46,7 +48,10 @@ rc=0
 	trap 'svc_stop_all >/dev/null 2>&1 || true' EXIT
 	sbw_start_all >/dev/null || { tail -20 "$SVC_DIR/pg/postgres.log"; exit 1; }
 	cd "$ROOT"
-	SBW_SVC_DIR=$svc $PY -m pytest -p no:cacheprovider -q -rfE test/integration -k "$(cat test/smoke_selection)"
+	sel=$(cat test/smoke_selection)
+	n=$($PY -m pytest -p no:cacheprovider --collect-only -q test/integration -k "$sel" | grep -c '::')
+	[ "$n" = 9 ] || { echo "test/smoke_selection selects $n tests, not 9" >&2; exit 1; }
+	SBW_SVC_DIR=$svc $PY -m pytest -p no:cacheprovider -q -rfE test/integration -k "$sel"
 ) || rc=1
 [ "${SVC_KEEP:-0}" = 1 ] || rm -rf "$svc"
 [ $rc = 0 ] && echo "package: $(basename "$deb") built, installed and passed the smoke tests"

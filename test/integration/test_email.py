@@ -678,7 +678,11 @@ def test_edited_templates_and_unsent_mail_survive_pg_dump(mail_tables, services)
                         "INSERT INTO storyboard_worker.outbox (recipient, subject, body_text, message_id, kind, status) "
                         "VALUES ('a@example.com', 's', 'b', '<1@x>', 'task', 'pending'), "
                         "       ('b@example.com', 's', 'b', '<2@x>', 'task', 'sent'), "
-                        "       ('c@example.com', 's', 'b', '<3@x>', 'task', 'digest')", db="sbw_dump_src")
+                        "       ('c@example.com', 's', 'b', '<3@x>', 'task', 'digest'); "
+                        "INSERT INTO storyboard_worker.dead_letters (body, error) VALUES ('\\x00', 'a'), ('\\x00', 'b'); "
+                        "CREATE FUNCTION public.mine(e storyboard_worker.event) RETURNS void LANGUAGE sql AS ''; "
+                        "SELECT storyboard_worker.register_plugin('mine', 'public.mine(storyboard_worker.event)')",
+                        db="sbw_dump_src")
         dump = subprocess.run([pgbin + "/pg_dump", *conn, "-d", "sbw_dump_src"], check=True,
                               capture_output=True, text=True).stdout
         r = subprocess.run([pgbin + "/psql", *conn, "-X", "-v", "ON_ERROR_STOP=1", "-d", "sbw_dump_dst"],
@@ -688,7 +692,13 @@ def test_edited_templates_and_unsent_mail_survive_pg_dump(mail_tables, services)
         assert q("SELECT name, subject FROM storyboard_worker.email_templates") == [("task/PUT", "Edited {{title}}")]
         assert q("SELECT recipient, status FROM storyboard_worker.outbox ORDER BY id") == \
             [("a@example.com", "pending"), ("c@example.com", "digest")]
-        assert q("SELECT name FROM storyboard_worker.plugins ORDER BY position") == [("subscription",), ("email",)]
+        assert q("SELECT name FROM storyboard_worker.plugins ORDER BY position") == \
+            [("subscription",), ("email",), ("mine",)]
+        # the registry's and the dead letters' identities go on after the restored rows
+        assert q("INSERT INTO storyboard_worker.dead_letters (body, error) VALUES ('\\x00', 'c') RETURNING id")[0][0] > 2
+        q("CREATE FUNCTION public.more(e storyboard_worker.event) RETURNS void LANGUAGE sql AS ''; "
+          "SELECT storyboard_worker.register_plugin('more', 'public.more(storyboard_worker.event)')")
+        assert q("SELECT name FROM storyboard_worker.plugins ORDER BY position")[-1] == ("more",)
         # the identity goes on after the restored rows
         assert q("INSERT INTO storyboard_worker.outbox (recipient, subject, body_text, message_id, kind) "
                  "VALUES ('d@example.com', 's', 'b', '<4@x>', 'task') RETURNING id")[0][0] > 3
