@@ -150,7 +150,8 @@ run_major() {
 		export SVC_DIR=$svc PGBIN=$CACHE/pg$v/package/native/bin PGCLIENT=$PG15
 		# shellcheck source=test/services.sh
 		. "$ROOT/test/services.sh"
-		trap 'svc_stop_all >/dev/null 2>&1 || true' EXIT
+		# the tests restart services through the state file: stop what it names now
+		trap 'svc_load >/dev/null 2>&1; svc_stop_all >/dev/null 2>&1 || true' EXIT
 		sbw_start_all >/dev/null || { tail -20 "$SVC_DIR/pg/postgres.log"; exit 1; }
 		"$PG15/psql" -XAtc "SELECT version()"
 		note "PostgreSQL $v: pg_regress"
