@@ -6,7 +6,7 @@
  * Files, one concern each:
  *	storyboard_worker.c	_PG_init: GUCs, shared memory, launcher registration
  *	guc.c				every storyboard_worker.* setting
- *	launcher.c			keeps worker_count consumers alive
+ *	launcher.c			keeps worker_count consumers (and the mailer) alive
  *	consumer.c			one consumer: wait, drain, dispatch, ack, back off
  *	amqp_link.c			librabbitmq: connect, declare, consume, ack
  *	event_decode.c		json-c: message body -> SbwEvent
@@ -14,6 +14,10 @@
  *	plugins.c			the plugin registry and its cache
  *	stats.c				shared-memory counters, the stats view
  *	subscription.c		the built-in "subscription" plugin
+ *	acks.c, ledger.c, scope.c, namecache.c, util.c	(see their headers)
+ *	email.c, render.c	the built-in "email" plugin and its templates
+ *	mailer.c, smtp.c	the mailer worker and one mail over SMTP
+ *	compat.h			where PostgreSQL 15, 17 and 18 differ
  *
  *-------------------------------------------------------------------------
  */
