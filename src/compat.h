@@ -48,11 +48,14 @@
 #define sbw_lock_held(tag, mode)	LockHeldByMe((tag), (mode))
 #endif
 
-/* A wait event set not tied to a resource owner (17: the first argument) */
+/*
+ * A wait event set the caller frees (17: tied to no resource owner; before:
+ * allocated in cxt)
+ */
 #if PG_VERSION_NUM >= 170000
-#define sbw_create_wait_event_set(n)	CreateWaitEventSet(NULL, (n))
+#define sbw_create_wait_event_set(cxt, n)	CreateWaitEventSet(NULL, (n))
 #else
-#define sbw_create_wait_event_set(n)	CreateWaitEventSet(CurrentMemoryContext, (n))
+#define sbw_create_wait_event_set(cxt, n)	CreateWaitEventSet((cxt), (n))
 #endif
 
 #endif							/* SBW_COMPAT_H */

@@ -175,11 +175,7 @@ sbw_wait_set(pgsocket sock)
 		sbw_wait_set_free();
 	if (cs.wait_set == NULL)
 	{
-#if PG_VERSION_NUM >= 170000
-		cs.wait_set = CreateWaitEventSet(NULL, 3);
-#else
-		cs.wait_set = CreateWaitEventSet(TopMemoryContext, 3);
-#endif
+		cs.wait_set = sbw_create_wait_event_set(TopMemoryContext, 3);
 		AddWaitEventToSet(cs.wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 		AddWaitEventToSet(cs.wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
 		AddWaitEventToSet(cs.wait_set, WL_SOCKET_READABLE, sock, NULL, NULL);
@@ -237,25 +233,6 @@ sbw_backoff(void)
 }
 
 /*
- * Are the extension's SQL objects the version this library is built for?
- * If not, say which ALTER EXTENSION is due (waiting_for, logged once).
- */
-static bool
-sbw_version_matches(Oid extoid)
-{
-	static char waiting[160];
-	char	   *version = sbw_extension_version(extoid);
-
-	if (version != NULL && strcmp(version, SBW_EXTENSION_VERSION) == 0)
-		return true;
-	snprintf(waiting, sizeof(waiting),
-			 "ALTER EXTENSION storyboard_worker UPDATE (its SQL objects are version %s, the library is %s)",
-			 version ? version : "unknown", SBW_EXTENSION_VERSION);
-	cs.waiting_for = waiting;
-	return false;
-}
-
-/*
  * May we consume?  Not in recovery (a standby keeps its consumers idle
  * until promotion) and only where the extension is installed.  A short
  * read-only transaction; run on idle wake-ups, not per event (per event,
@@ -264,6 +241,7 @@ sbw_version_matches(Oid extoid)
 static bool
 sbw_ready_to_consume(void)
 {
+	const char *why;
 	bool		ready;
 
 	if (RecoveryInProgress())
@@ -274,22 +252,10 @@ sbw_ready_to_consume(void)
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	cs.tables = sbw_ledger_tables();
-	ready = OidIsValid(cs.tables.extension);
+	why = sbw_extension_not_ready(cs.tables.extension);
+	ready = (why == NULL);
 	if (!ready)
-		cs.waiting_for = "CREATE EXTENSION storyboard_worker";
-	else if (!superuser_arg(sbw_extension_owner(cs.tables.extension)))
-	{
-		/*
-		 * The workers write the extension's tables as a superuser: an owner
-		 * who is not one could attach triggers or defaults to them and run
-		 * code as the superuser.
-		 */
-		cs.waiting_for = "the owner of extension storyboard_worker to be a superuser "
-			"(the workers write its tables with superuser rights)";
-		ready = false;
-	}
-	else if (!sbw_version_matches(cs.tables.extension))
-		ready = false;
+		cs.waiting_for = why;
 	CommitTransactionCommand();
 	pgstat_report_stat(false);
 	return ready;

@@ -35,7 +35,6 @@
 #include "utils/lsyscache.h"
 
 #include "email.h"
-#include "mailer.h"
 #include "render.h"
 #include "scope.h"
 #include "storyboard_worker.h"
@@ -172,7 +171,7 @@ sbw_email_host(void)
 	if (gethostname(name, sizeof(name)) != 0 || name[0] == '\0')
 		return pstrdup("localhost");
 	name[sizeof(name) - 1] = '\0';
-	name[strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")] = '\0';
+	name[strspn(name, SBW_HOST_NAME_CHARS)] = '\0';
 	return pstrdup(name[0] ? name : "localhost");
 }
 
@@ -543,7 +542,7 @@ sbw_email_event(HeapTupleHeader row)
 	memset(&mail, 0, sizeof(mail));
 	sbw_email_render(&mail, &tmpl, ctx, &route);
 	if (sbw_email_queue(&mail, rcpt, n) > 0)
-		sbw_wake_mailer_at_commit();
+		sbw_wake_at_commit(SBW_WAKE_MAILER);
 }
 
 /*

@@ -108,8 +108,7 @@ sbw_check_header_value(char **newval, void **extra, GucSource source)
 static bool
 sbw_check_host_name(char **newval, void **extra, GucSource source)
 {
-	if (*newval && strspn(*newval, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")
-		!= strlen(*newval))
+	if (*newval && strspn(*newval, SBW_HOST_NAME_CHARS) != strlen(*newval))
 	{
 		GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
 		GUC_check_errdetail("A host name holds only letters, digits, dots and hyphens.");

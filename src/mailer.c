@@ -200,73 +200,26 @@ sbw_mailer_status(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
 }
 
-/* ---------------------------------------------------------------- waking */
-
-static bool wake_mailer = false;
-static bool wake_callback_registered = false;
-
-/* Transaction callback: set the mailer's latch once we commit. */
-static void
-sbw_mailer_xact_callback(XactEvent event, void *arg)
-{
-	struct Latch *latch;
-
-	if (!wake_mailer)
-		return;
-	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT)
-	{
-		wake_mailer = false;
-		SpinLockAcquire(&sbw_shared->mailer.mutex);
-		latch = sbw_shared->mailer.latch;
-		SpinLockRelease(&sbw_shared->mailer.mutex);
-		if (latch != NULL)
-			SetLatch(latch);
-	}
-	else if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
-		wake_mailer = false;
-}
-
-/* See mailer.h. */
-void
-sbw_wake_mailer_at_commit(void)
-{
-	if (sbw_shared == NULL)
-		return;
-	if (!wake_callback_registered)
-	{
-		RegisterXactCallback(sbw_mailer_xact_callback, NULL);
-		wake_callback_registered = true;
-	}
-	wake_mailer = true;
-}
-
 /* ---------------------------------------------------------------- work */
 
 /*
- * May the mailer work?  The extension installed at this library's version
- * (the outbox exists) and owned by a superuser (the mailer writes its
- * tables as one).  Logs why not, once per change.
+ * May the mailer work?  What the consumers wait for, the mailer waits for
+ * (sbw_extension_not_ready: installed, owned by a superuser, this library's
+ * version).  Logs why not, once per change.
  */
 static bool
 sbw_mailer_ready(void)
 {
-	static const char *logged = NULL;
-	const char *why = NULL;
-	Oid			ext;
+	static char logged[160];
+	const char *why;
 
 	StartTransactionCommand();
-	ext = get_extension_oid(SBW_EXTENSION_NAME, true);
-	if (!OidIsValid(ext))
-		why = "CREATE EXTENSION storyboard_worker";
-	else if (!superuser_arg(sbw_extension_owner(ext)))
-		why = "the owner of extension storyboard_worker to be a superuser";
-	else if (strcmp(sbw_extension_version(ext), SBW_EXTENSION_VERSION) != 0)
-		why = "ALTER EXTENSION storyboard_worker UPDATE";
-	CommitTransactionCommand();
-	if (why != NULL && why != logged)
+	why = sbw_extension_not_ready(get_extension_oid(SBW_EXTENSION_NAME, true));
+	if (why != NULL && strcmp(why, logged) != 0)
 		ereport(LOG,
 				(errmsg("storyboard_worker mailer is idle, waiting for %s", why)));
-	logged = why;
+	strlcpy(logged, why ? why : "", sizeof(logged));
+	CommitTransactionCommand();
 	return why == NULL;
 }
 

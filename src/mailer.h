@@ -13,7 +13,4 @@
 /* Entry point of the mailer, started by the launcher. */
 extern PGDLLEXPORT void sbw_mailer_main(Datum main_arg);
 
-/* Wake the mailer when the current transaction commits (mail queued). */
-extern void sbw_wake_mailer_at_commit(void);
-
 #endif							/* SBW_MAILER_H */

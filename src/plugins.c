@@ -315,6 +315,33 @@ sbw_extension_owner(Oid extoid)
 }
 
 /*
+ * Why a worker (consumer or mailer) may not use the extension installed as
+ * extoid, or NULL if it may: the workers write its tables as a superuser,
+ * so an owner who is not one could attach triggers or defaults to them and
+ * run code as the superuser; and the SQL objects must be the version this
+ * library is built for.  The text says what to wait for (a static buffer).
+ */
+const char *
+sbw_extension_not_ready(Oid extoid)
+{
+	static char waiting[160];
+	char	   *version;
+
+	if (!OidIsValid(extoid))
+		return "CREATE EXTENSION storyboard_worker";
+	if (!superuser_arg(sbw_extension_owner(extoid)))
+		return "the owner of extension storyboard_worker to be a superuser "
+			"(the workers write its tables with superuser rights)";
+	version = sbw_extension_version(extoid);
+	if (version != NULL && strcmp(version, SBW_EXTENSION_VERSION) == 0)
+		return NULL;
+	snprintf(waiting, sizeof(waiting),
+			 "ALTER EXTENSION storyboard_worker UPDATE (its SQL objects are version %s, the library is %s)",
+			 version ? version : "unknown", SBW_EXTENSION_VERSION);
+	return waiting;
+}
+
+/*
  * The version of the extension's SQL objects (pg_extension.extversion),
  * palloc'd; NULL if it is gone.
  */

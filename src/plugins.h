@@ -54,6 +54,9 @@ extern Oid	sbw_extension_owner(Oid extoid);
 /* The version of its SQL objects (pg_extension.extversion), or NULL. */
 extern char *sbw_extension_version(Oid extoid);
 
+/* Why the workers may not use the extension, or NULL if they may. */
+extern const char *sbw_extension_not_ready(Oid extoid);
+
 /* The current set, pinned; NULL when the extension is not installed here. */
 extern SbwPluginSet *sbw_plugins_pin(void);
 extern void sbw_plugins_unpin(SbwPluginSet *set);

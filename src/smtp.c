@@ -347,7 +347,7 @@ sbw_smtp_wait_once(void)
 	curl_multi_timeout(multi, &timeout_ms);
 	if (timeout_ms < 0 || timeout_ms > 1000)
 		timeout_ms = 1000;
-	set = sbw_create_wait_event_set(maxfd + 4);
+	set = sbw_create_wait_event_set(CurrentMemoryContext, maxfd + 4);
 	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 	AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
 	for (fd = 0; fd <= maxfd; fd++)

@@ -359,22 +359,54 @@ sbw_set_latches(void)
 	return woken;
 }
 
-static bool wake_at_commit = false;
+/* Set the mailer's latch (mail was queued). */
+static void
+sbw_set_mailer_latch(void)
+{
+	struct Latch *latch;
+
+	SpinLockAcquire(&sbw_shared->mailer.mutex);
+	latch = sbw_shared->mailer.latch;
+	SpinLockRelease(&sbw_shared->mailer.mutex);
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+static int	wake_at_commit = 0;	/* SBW_WAKE_* bits */
 static bool wake_callback_registered = false;
 
-/* Transaction callback: wake the workers once our transaction commits. */
+/* Transaction callback: wake whom was asked once our transaction commits. */
 static void
 sbw_wake_xact_callback(XactEvent event, void *arg)
 {
-	if (!wake_at_commit)
+	int			what = wake_at_commit;
+
+	if (what == 0)
 		return;
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT)
 	{
-		wake_at_commit = false;
-		(void) sbw_set_latches();
+		wake_at_commit = 0;
+		if (what & SBW_WAKE_ALL)
+			(void) sbw_set_latches();
+		else if (what & SBW_WAKE_MAILER)
+			sbw_set_mailer_latch();
 	}
 	else if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
-		wake_at_commit = false;
+		wake_at_commit = 0;
+}
+
+/* See storyboard_worker.h. */
+void
+sbw_wake_at_commit(int what)
+{
+	if (sbw_shared == NULL)
+		return;
+	if (!wake_callback_registered)
+	{
+		RegisterXactCallback(sbw_wake_xact_callback, NULL);
+		wake_callback_registered = true;
+	}
+	wake_at_commit |= what;
 }
 
 /*
@@ -392,12 +424,7 @@ sbw_wake_workers(PG_FUNCTION_ARGS)
 
 	if (sbw_shared == NULL)
 		PG_RETURN_INT32(0);
-	if (!wake_callback_registered)
-	{
-		RegisterXactCallback(sbw_wake_xact_callback, NULL);
-		wake_callback_registered = true;
-	}
-	wake_at_commit = true;
+	sbw_wake_at_commit(SBW_WAKE_ALL);
 
 	if (sbw_shared->launcher_pid != 0)
 		n++;

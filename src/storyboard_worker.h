@@ -99,6 +99,10 @@ extern int	sbw_email_smtp_tls;
 extern int	sbw_email_max_attempts;
 extern int	sbw_outbox_retention;
 
+/* What a host name (EHLO, Message-IDs) may hold. */
+#define SBW_HOST_NAME_CHARS \
+	"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-"
+
 typedef enum SbwSmtpTls
 {
 	SBW_SMTP_TLS_OFF,
@@ -178,6 +182,15 @@ extern SbwShared *sbw_shared;
 extern Size sbw_shmem_size(void);
 extern void sbw_shmem_init(void);
 extern void sbw_slot_attach(int slot);
+
+/*
+ * Wake workers when the current transaction commits (not before: they
+ * would not see what it wrote): all of them (the launcher, every consumer
+ * and the mailer), or only the mailer (mail was queued).
+ */
+#define SBW_WAKE_ALL		0x01
+#define SBW_WAKE_MAILER		0x02
+extern void sbw_wake_at_commit(int what);
 extern void sbw_slot_set_state(SbwWorkerState state, const char *broker);
 extern void sbw_slot_count(uint64 received, uint64 processed,
 						   uint64 dead_lettered, uint64 redelivered,
