@@ -823,3 +823,29 @@ def test_workload_rate_with_and_without_email(mail, services, metrics):
         cluster.execute("DELETE FROM subscription_events WHERE subscriber_id > %(b)s; "
                         "DELETE FROM events WHERE id > %(b)s; "
                         "DELETE FROM storyboard_worker.outbox WHERE subscriber_id > %(b)s" % {"b": b})
+
+
+def test_as_a_plugin_role_that_is_not_a_superuser(mail):
+    """storyboard_worker.role a plain role with only SELECT on StoryBoard's tables: the plugin's
+    SQL runs as it, and the outbox (which it has no rights on) is written as the owner."""
+    cluster, sink, publisher, mark = mail
+    role = "sbw_mail_plugin_role"
+    cluster.execute("DROP OWNED BY %s" % role if cluster.one(
+        "SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)) else "SELECT 1")
+    cluster.execute("DROP ROLE IF EXISTS %s; CREATE ROLE %s NOLOGIN" % (role, role), db="postgres")
+    cluster.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {r}; GRANT USAGE ON SCHEMA sbw_test TO {r}; "
+                    "GRANT INSERT ON sbw_test.seen TO {r}; GRANT USAGE ON SEQUENCE sbw_test.seen_id_seq TO {r}"
+                    .format(r=role))
+    try:
+        assert cluster.one("SELECT has_table_privilege(%s, 'storyboard_worker.outbox', 'INSERT')", (role,)) is False
+        cluster.set_gucs(role=role)
+        wait_for(lambda: cluster.setting("role") == role, 10, "the role setting")
+        publisher.publish(story_put(501, "Mail story", "As the plugin role"))
+        r = wait_rows(cluster, mark, 5, "subject LIKE '%As the plugin role%'")
+        assert {x["recipient"] for x in r} == {"ann@example.com", "bob@example.com", "eve@example.com",
+                                               "fay@example.com", "gus@example.com"}, r
+        assert cluster.one("SELECT count(*) FROM storyboard_worker.dead_letters WHERE plugin = 'email'") == 0
+    finally:
+        cluster.set_gucs(role=None)
+        cluster.execute("DROP OWNED BY %s" % role)
+        cluster.execute("DROP ROLE %s" % role, db="postgres")
