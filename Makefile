@@ -10,6 +10,7 @@ OBJS = \
 	src/event_decode.o \
 	src/dispatch.o \
 	src/plugins.o \
+	src/extension.o \
 	src/stats.o \
 	src/ledger.o \
 	src/namecache.o \

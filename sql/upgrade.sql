@@ -16,10 +16,19 @@ CREATE TEMP VIEW ext_members AS
 CREATE EXTENSION storyboard_worker VERSION '1.0';
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
 SELECT to_regclass('storyboard_worker.ledger') IS NULL AS no_ledger_in_1_0;
--- A registration and a dead letter made under 1.0 survive the update.
+-- This library refuses to run against the 1.0 objects: every SQL-callable
+-- function says to update (the workers wait, see test_operations.py).
 CREATE FUNCTION upgrade_noop(e storyboard_worker.event) RETURNS void LANGUAGE sql AS '';
 SELECT storyboard_worker.register_plugin('noop', 'upgrade_noop(storyboard_worker.event)');
 SELECT count(*) FROM storyboard_worker.process_event('not json', 'story');
+SELECT count(*) FROM storyboard_worker.stats;
+SELECT storyboard_worker.wake_workers();
+-- A registration and a dead letter made under 1.0 (by the 1.0 library) survive
+-- the update; written directly here, as the 1.0 functions would have.
+INSERT INTO storyboard_worker.plugins (name, handler)
+  VALUES ('noop', 'upgrade_noop(storyboard_worker.event)');
+INSERT INTO storyboard_worker.dead_letters (routing_key, body, error, sqlstate)
+  VALUES ('story', 'not json', 'message body is not valid JSON', '22P02');
 CREATE TEMP TABLE objects_10_upgraded AS
   SELECT object FROM ext_members;
 ALTER EXTENSION storyboard_worker UPDATE TO '1.1';
@@ -39,6 +48,7 @@ CREATE TEMP TABLE objects_13_upgraded AS
   SELECT object FROM ext_members;
 ALTER EXTENSION storyboard_worker UPDATE;
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
+SELECT storyboard_worker.wake_workers() >= 0 AS callable_after_update;
 SELECT message_key FROM storyboard_worker.ledger ORDER BY 1;
 SELECT encode(substring(sha256(convert_to('m:id-42', 'UTF8')), 1, 16), 'hex')::uuid AS message_id_key,
        encode(substring(sha256(convert_to('task', 'UTF8') || '\x00'::bytea || convert_to('{"a": 1}', 'UTF8')), 1, 16), 'hex')::uuid AS digest_key;

@@ -68,6 +68,7 @@
 #include "ledger.h"
 #include "plugins.h"
 #include "storyboard_worker.h"
+#include "extension.h"
 #include "util.h"
 
 /* How often an idle or waiting consumer re-checks its preconditions. */

@@ -53,6 +53,7 @@
 #include "plugins.h"
 #include "scope.h"
 #include "storyboard_worker.h"
+#include "extension.h"
 #include "dispatch.h"
 
 PG_FUNCTION_INFO_V1(sbw_process_event);
@@ -708,6 +709,7 @@ sbw_process_event(PG_FUNCTION_ARGS)
 	text	   *body;
 	ListCell   *lc;
 
+	sbw_require_current_version();
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -874,6 +876,7 @@ sbw_replay(PG_FUNCTION_ARGS)
 	const char *error = NULL;
 	const char *sqlstate = NULL;
 
+	sbw_require_current_version();
 	sbw_check_owner("replay storyboard_worker dead letters");
 
 	if (SPI_connect() != SPI_OK_CONNECT)

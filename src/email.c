@@ -38,6 +38,7 @@
 #include "render.h"
 #include "scope.h"
 #include "storyboard_worker.h"
+#include "extension.h"
 
 PG_FUNCTION_INFO_V1(sbw_email_handler);
 PG_FUNCTION_INFO_V1(sbw_email_enabled);
@@ -559,6 +560,7 @@ sbw_email_handler(PG_FUNCTION_ARGS)
 	char	   *path;
 	int			nestlevel;
 
+	sbw_require_current_version();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "email plugin: SPI_connect failed");
 	path = sbw_email_search_path();
@@ -582,6 +584,7 @@ sbw_email_handler(PG_FUNCTION_ARGS)
 Datum
 sbw_email_host_sql(PG_FUNCTION_ARGS)
 {
+	sbw_require_current_version();
 	PG_RETURN_TEXT_P(cstring_to_text(sbw_email_host()));
 }
 
@@ -589,5 +592,6 @@ sbw_email_host_sql(PG_FUNCTION_ARGS)
 Datum
 sbw_email_enabled(PG_FUNCTION_ARGS)
 {
+	sbw_require_current_version();
 	PG_RETURN_BOOL(sbw_email_enable);
 }

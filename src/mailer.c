@@ -55,6 +55,7 @@
 #include "scope.h"
 #include "smtp.h"
 #include "storyboard_worker.h"
+#include "extension.h"
 
 PG_FUNCTION_INFO_V1(sbw_mailer_status);
 
@@ -175,6 +176,7 @@ sbw_mailer_status(PG_FUNCTION_ARGS)
 	bool		nulls[8] = {false};
 	SbwMailerSlot m;
 
+	sbw_require_current_version();
 	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "mailer_status must return a record");
 	if (sbw_shared == NULL)

@@ -27,14 +27,10 @@
  */
 #include "postgres.h"
 
-#include "access/genam.h"
 #include "access/htup_details.h"
-#include "access/table.h"
 #include "access/xact.h"
-#include "catalog/indexing.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_database.h"
-#include "catalog/pg_extension.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
@@ -44,7 +40,6 @@
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
-#include "utils/fmgroids.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -55,6 +50,7 @@
 #include "compat.h"
 #include "scope.h"
 #include "storyboard_worker.h"
+#include "extension.h"
 #include "plugins.h"
 
 PG_FUNCTION_INFO_V1(sbw_register_plugin);
@@ -112,6 +108,7 @@ sbw_namespace_callback(Datum arg, int cacheid, uint32 hashvalue)
 static void
 sbw_syscache_callback(Datum arg, int cacheid, uint32 hashvalue)
 {
+	catalog_generation++;
 	sbw_plugins_invalidate();
 	if (cacheid == AUTHOID || cacheid == DATABASEOID)
 		plugin_role = InvalidOid;
@@ -133,7 +130,7 @@ sbw_register_callbacks(void)
 }
 
 /*
- * A number that changes whenever a relation or schema may have been
+ * A number that changes whenever a relation, schema or function may have been
  * created, dropped or altered.  Lets callers cache name lookups (the users
  * table, the ledger) without a catalog lookup per event.
  */
@@ -276,87 +273,6 @@ sbw_plugin_resolve(SbwPlugin *p, MemoryContext cxt)
 	if (OidIsValid(p->enabled))
 		fmgr_info_cxt(p->enabled, &p->enabled_finfo, cxt);
 	p->resolved = true;
-}
-
-/*
- * The pg_extension row of the extension, copied (pg_extension has no
- * syscache on 15: an index scan, once per load of the registry or
- * precondition check); NULL if it is gone.
- */
-static HeapTuple
-sbw_extension_tuple(Oid extoid, TupleDesc *desc)
-{
-	Relation	rel;
-	ScanKeyData key;
-	SysScanDesc scan;
-	HeapTuple	tup;
-
-	rel = table_open(ExtensionRelationId, AccessShareLock);
-	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber, F_OIDEQ,
-				ObjectIdGetDatum(extoid));
-	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
-	tup = systable_getnext(scan);
-	if (HeapTupleIsValid(tup))
-		tup = heap_copytuple(tup);
-	*desc = RelationGetDescr(rel);
-	systable_endscan(scan);
-	table_close(rel, AccessShareLock);
-	return tup;
-}
-
-/* See plugins.h. */
-Oid
-sbw_extension_owner(Oid extoid)
-{
-	TupleDesc	desc;
-	HeapTuple	tup = sbw_extension_tuple(extoid, &desc);
-
-	return HeapTupleIsValid(tup) ? ((Form_pg_extension) GETSTRUCT(tup))->extowner : InvalidOid;
-}
-
-/*
- * Why a worker (consumer or mailer) may not use the extension installed as
- * extoid, or NULL if it may: the workers write its tables as a superuser,
- * so an owner who is not one could attach triggers or defaults to them and
- * run code as the superuser; and the SQL objects must be the version this
- * library is built for.  The text says what to wait for (a static buffer).
- */
-const char *
-sbw_extension_not_ready(Oid extoid)
-{
-	static char waiting[160];
-	char	   *version;
-
-	if (!OidIsValid(extoid))
-		return "CREATE EXTENSION storyboard_worker";
-	if (!superuser_arg(sbw_extension_owner(extoid)))
-		return "the owner of extension storyboard_worker to be a superuser "
-			"(the workers write its tables with superuser rights)";
-	version = sbw_extension_version(extoid);
-	if (version != NULL && strcmp(version, SBW_EXTENSION_VERSION) == 0)
-		return NULL;
-	snprintf(waiting, sizeof(waiting),
-			 "ALTER EXTENSION storyboard_worker UPDATE (its SQL objects are version %s, the library is %s)",
-			 version ? version : "unknown", SBW_EXTENSION_VERSION);
-	return waiting;
-}
-
-/*
- * The version of the extension's SQL objects (pg_extension.extversion),
- * palloc'd; NULL if it is gone.
- */
-char *
-sbw_extension_version(Oid extoid)
-{
-	TupleDesc	desc;
-	HeapTuple	tup = sbw_extension_tuple(extoid, &desc);
-	bool		isnull;
-	Datum		d;
-
-	if (!HeapTupleIsValid(tup))
-		return NULL;
-	d = heap_getattr(tup, Anum_pg_extension_extversion, desc, &isnull);
-	return isnull ? NULL : TextDatumGetCString(d);
 }
 
 static SbwStmt load_stmt = SBW_STMT(
@@ -610,6 +526,7 @@ sbw_register_plugin(PG_FUNCTION_ARGS)
 	char		nulls[4] = {' ', ' ', ' ', ' '};
 	bool		with_author_flag = PG_NARGS() > 3;
 
+	sbw_require_current_version();
 	if (PG_ARGISNULL(0) || VARSIZE_ANY_EXHDR(PG_GETARG_TEXT_PP(0)) == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -651,6 +568,7 @@ sbw_unregister_plugin(PG_FUNCTION_ARGS)
 	Datum		values[1];
 	bool		found;
 
+	sbw_require_current_version();
 	sbw_check_owner("unregister storyboard_worker plugins");
 	values[0] = PointerGetDatum(PG_GETARG_TEXT_PP(0));
 	if (SPI_connect() != SPI_OK_CONNECT)

@@ -44,19 +44,6 @@ typedef struct SbwPluginSet
 /* Fill a plugin's FmgrInfos (in its set's context) before its first call. */
 extern void sbw_plugin_resolve(SbwPlugin *p, MemoryContext cxt);
 
-/*
- * The owner of the extension (extoid), InvalidOid if gone.  The workers
- * write the extension's tables as a superuser: an owner who is not one
- * could attach triggers to them.
- */
-extern Oid	sbw_extension_owner(Oid extoid);
-
-/* The version of its SQL objects (pg_extension.extversion), or NULL. */
-extern char *sbw_extension_version(Oid extoid);
-
-/* Why the workers may not use the extension, or NULL if they may. */
-extern const char *sbw_extension_not_ready(Oid extoid);
-
 /* The current set, pinned; NULL when the extension is not installed here. */
 extern SbwPluginSet *sbw_plugins_pin(void);
 extern void sbw_plugins_unpin(SbwPluginSet *set);

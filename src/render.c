@@ -20,6 +20,7 @@
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 
+#include "extension.h"
 #include "render.h"
 
 PG_FUNCTION_INFO_V1(sbw_render_template);
@@ -188,6 +189,7 @@ sbw_render_template(PG_FUNCTION_ARGS)
 	Jsonb	   *context = PG_GETARG_JSONB_P(1);
 	bool		html = PG_NARGS() > 2 && !PG_ARGISNULL(2) && PG_GETARG_BOOL(2);
 
+	sbw_require_current_version();
 	if (!JB_ROOT_IS_OBJECT(context))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

@@ -33,6 +33,7 @@
 #include "plugins.h"
 #include "scope.h"
 #include "storyboard_worker.h"
+#include "extension.h"
 
 /*
  * Run with search_path set to 'path' (a settings level of our own) until

@@ -25,6 +25,7 @@
 #include "utils/timestamp.h"
 
 #include "storyboard_worker.h"
+#include "extension.h"
 #include "util.h"
 
 SbwShared  *sbw_shared = NULL;
@@ -255,6 +256,7 @@ sbw_worker_stats(PG_FUNCTION_ARGS)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	int			i;
 
+	sbw_require_current_version();
 	InitMaterializedSRF(fcinfo, 0);
 	if (sbw_shared == NULL)
 		PG_RETURN_VOID();
@@ -422,6 +424,7 @@ sbw_wake_workers(PG_FUNCTION_ARGS)
 	int			n = 0;
 	int			i;
 
+	sbw_require_current_version();
 	if (sbw_shared == NULL)
 		PG_RETURN_INT32(0);
 	sbw_wake_at_commit(SBW_WAKE_ALL);

@@ -14,7 +14,7 @@
  *	plugins.c			the plugin registry and its cache
  *	stats.c				shared-memory counters, the stats view
  *	subscription.c		the built-in "subscription" plugin
- *	acks.c, ledger.c, scope.c, namecache.c, util.c	(see their headers)
+ *	acks.c, ledger.c, scope.c, namecache.c, util.c, extension.c	(see their headers)
  *	email.c, render.c	the built-in "email" plugin and its templates
  *	mailer.c, smtp.c	the mailer worker and one mail over SMTP
  *	compat.h			where PostgreSQL 15, 17 and 18 differ

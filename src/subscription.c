@@ -72,6 +72,7 @@
 #include "namecache.h"
 #include "scope.h"
 #include "storyboard_worker.h"
+#include "extension.h"
 
 PG_FUNCTION_INFO_V1(sbw_subscription_handler);
 
@@ -1017,6 +1018,7 @@ sbw_subscription_handler(PG_FUNCTION_ARGS)
 	bool		isnull;
 	Datum		d;
 
+	sbw_require_current_version();
 	memset(&ev, 0, sizeof(ev));
 	ev.method = sbw_event_text(row, "method");
 	ev.resource = sbw_event_text(row, "resource");

@@ -149,7 +149,7 @@ def roles(cluster):
         hostile.close()
         cluster.execute('ALTER DATABASE "%s" RESET search_path' % sbw.DB, db="postgres")
         cluster.execute("SELECT storyboard_worker.unregister_plugin(name) FROM storyboard_worker.plugins "
-                        "WHERE name NOT IN ('record')")
+                        "WHERE name NOT IN ('record', 'email')")
         cluster.execute("DROP SCHEMA IF EXISTS storyboard, hostile, sbw_t CASCADE")
         cluster.restore_gucs()
         cluster.reset_connections()
@@ -394,8 +394,17 @@ def test_consumers_wait_for_the_sql_objects_to_be_updated(cluster, services, pgl
                         30, "the consumers waiting for the update")
         assert "its SQL objects are version 1.1, the library is " + LIB_VERSION in line[0], line
         time.sleep(1)
+        # the library refuses the old objects' functions, the stats view among them
+        # (Citus-style), naming the same statement; the shared-memory counters are
+        # read through a database whose objects are current
+        with pytest.raises(psycopg2.Error) as refused:
+            cluster.q("SELECT * FROM storyboard_worker.stats", db=db)
+        assert refused.value.pgcode == "55000", refused.value.pgerror
+        assert ("library version %s does not match the installed extension version 1.1" % LIB_VERSION
+                in refused.value.diag.message_primary), refused.value.pgerror
+        assert "ALTER EXTENSION storyboard_worker UPDATE" in refused.value.diag.message_hint
         states = [s["state"] for s in cluster.q("SELECT * FROM storyboard_worker.stats WHERE pid <> 0",
-                                                 db=db, dicts=True)]
+                                                 dicts=True)]
         assert states and all(st == "idle" for st in states), states
         cluster.execute("ALTER EXTENSION storyboard_worker UPDATE", db=db)
         cluster.execute("SELECT storyboard_worker.wake_workers()", db=db)
