@@ -49,7 +49,7 @@ include $(PGXS)
 test:
 	bash test/run_tests.sh
 demo:
-	bash test/demo.sh
+	bash tools/demo.sh
 bench:
 	bash bench/run.sh
 fuzz:

@@ -38,7 +38,7 @@ import psycopg2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "test"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
 PY = "/usr/bin/python3"
@@ -344,7 +344,7 @@ def setup_database():
 def write_messages(conn):
     """One timeline_event message per events row of the pool, as StoryBoard publishes them."""
     try:
-        from publish import timeline_event      # test/publish.py
+        from publish import timeline_event      # tools/publish.py
     except ImportError:
         timeline_event = None
     if CFG["dataset"] == "fixture":

@@ -8,7 +8,7 @@
 # end to end, the StoryBoard-style baseline (bench/storyboard_baseline.py),
 # latency at half the peak rate, idle CPU and memory.  Then bench/report.py
 # writes BENCHMARKS.md and bench/throughput.png, and everything started is
-# stopped by PID.  Raw numbers: bench/results.json.
+# stopped by PID.  Raw numbers: bench/out/results.json (not kept in git).
 #
 # Environment (defaults: the full run, about 10 minutes on 2 cores):
 #   BENCH_WORKERS="1 2 4 8"    worker_count values
@@ -27,7 +27,7 @@
 #   BENCH_BATCH_EXTRA=20       an extra run per workload with this storyboard_worker.batch_size (1: none)
 #   BENCH_PROFILE=1            an extra, unscored run per workload with one consumer under perf
 #   BENCH_QUICK=1              a smoke test under 2 minutes (small values for all of the above)
-#   BENCH_REPORT=BENCHMARKS.md where the report goes (the plot goes next to results.json)
+#   BENCH_REPORT=BENCHMARKS.md where the report goes (the plot is always bench/throughput.png)
 #   SKIP_APT=1                 do not run apt-get
 #   BENCH_SKIP_BUILD=1         use the installed extension as it is
 #   BENCH_KEEP=1               keep the scratch directory (logs, scripts) even on success
@@ -118,9 +118,10 @@ rmq_setup_user
 echo "PostgreSQL pid $PG_PID port $PGPORT; RabbitMQ pid $RMQ_BEAM_PID port $AMQP_PORT"
 
 step "measuring"
-export BENCH_OUT=$SVC_DIR BENCH_RESULTS=$ROOT/bench/results.json PGDATABASE=storyboard
+mkdir -p "$ROOT/bench/out"
+export BENCH_OUT=$SVC_DIR BENCH_RESULTS=$ROOT/bench/out/results.json PGDATABASE=storyboard
 "$PY" bench/bench.py
 
 step "writing the report"
-"$PY" bench/report.py "$ROOT/bench/results.json" "${BENCH_REPORT:-$ROOT/BENCHMARKS.md}" "$ROOT/bench/throughput.png"
+"$PY" bench/report.py "$ROOT/bench/out/results.json" "${BENCH_REPORT:-$ROOT/BENCHMARKS.md}" "$ROOT/bench/throughput.png"
 echo "bench: finished in $(( $(date +%s) - T0 )) s; see ${BENCH_REPORT:-BENCHMARKS.md}"

@@ -21,8 +21,8 @@ import psycopg2.extras
 
 TEST_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVICES_SH = os.path.join(TEST_DIR, "services.sh")
-sys.path.insert(0, TEST_DIR)
-import publish  # noqa: E402  (test/publish.py)
+sys.path.insert(0, os.path.join(os.path.dirname(TEST_DIR), "tools"))
+import publish  # noqa: E402  (tools/publish.py)
 
 CONSUMER = "storyboard_worker consumer"
 LAUNCHER = "storyboard_worker launcher"
@@ -371,7 +371,7 @@ CREATE TABLE IF NOT EXISTS sbw_test.seen (
 CREATE INDEX IF NOT EXISTS seen_key_idx ON sbw_test.seen (key text_pattern_ops);
 CREATE TABLE IF NOT EXISTS sbw_test.control (name text PRIMARY KEY, value text);
 
--- 'record': one row per event (key = query_string, which test/publish.py makes unique)
+-- 'record': one row per event (key = query_string, which tools/publish.py makes unique)
 CREATE OR REPLACE FUNCTION sbw_test.record(e storyboard_worker.event) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 
-import g_util
+import guarantee_helpers
 import sbw
 from sbw import wait_for
 
@@ -38,7 +38,7 @@ def test_acks_wait_for_the_synchronous_standby(cluster, services, metrics):
     standby = None
     walreceiver = None
     try:
-        standby = g_util.Standby(services, PGBIN, app_name=APP)
+        standby = guarantee_helpers.Standby(services, PGBIN, app_name=APP)
         sb = standby.cluster
         wait_for(lambda: cluster.one("SELECT state FROM pg_stat_replication WHERE application_name = %s",
                                      (APP,), db="postgres") == "streaming", 60, "the standby streaming")
@@ -48,20 +48,20 @@ def test_acks_wait_for_the_synchronous_standby(cluster, services, metrics):
 
         # running: acknowledged, and on the standby
         prefix = sbw.unique("sync")
-        msgs, _ = g_util.bulk_messages(50, prefix)
-        keys = [g_util.ledger_key(rk, body) for rk, body, _x in msgs]
-        g_util.publish_window(services.amqp_url, msgs)
+        msgs, _ = guarantee_helpers.bulk_messages(50, prefix)
+        keys = [guarantee_helpers.ledger_key(rk, body) for rk, body, _x in msgs]
+        guarantee_helpers.publish_window(services.amqp_url, msgs)
         cluster.wait_seen(prefix, 50, timeout=30)
-        g_util.queue_drained(services)
+        guarantee_helpers.queue_drained(services)
         wait_for(lambda: _on_standby(sb, keys) == 50, 30, "50 ledger rows on the standby")
 
         # the standby's WAL receiver stopped: commits go on, acknowledgements wait
         walreceiver = sb.one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walreceiver'", db="postgres")
         os.kill(walreceiver, signal.SIGSTOP)
         p2 = sbw.unique("sync")
-        msgs2, _ = g_util.bulk_messages(30, p2)
-        keys2 = [g_util.ledger_key(rk, body) for rk, body, _x in msgs2]
-        g_util.publish_window(services.amqp_url, msgs2)
+        msgs2, _ = guarantee_helpers.bulk_messages(30, p2)
+        keys2 = [guarantee_helpers.ledger_key(rk, body) for rk, body, _x in msgs2]
+        guarantee_helpers.publish_window(services.amqp_url, msgs2)
         committed = wait_for(lambda: cluster.seen(p2)[1], 30, "events committed on the primary")
         time.sleep(2)
         committed = cluster.seen(p2)[1]
@@ -106,7 +106,7 @@ def test_acks_wait_for_the_synchronous_standby(cluster, services, metrics):
         os.kill(walreceiver, signal.SIGCONT)
         walreceiver = None
         cluster.wait_seen(p2, 30, timeout=30)
-        g_util.queue_drained(services)
+        guarantee_helpers.queue_drained(services)
         wait_for(lambda: _on_standby(sb, keys2) == 30, 30, "30 ledger rows on the standby")
         assert cluster.seen(p2) == (30, 30)
         metrics.add("synchronous standby", "50 events acknowledged and on the standby; WAL receiver stopped: "
@@ -117,7 +117,7 @@ def test_acks_wait_for_the_synchronous_standby(cluster, services, metrics):
                     % (committed, 30 - ready - unacked, ready, unacked, held, exit_s))
     finally:
         if walreceiver is not None:
-            g_util.sigcont_safe(walreceiver)
+            guarantee_helpers.sigcont_safe(walreceiver)
         _set_sync_standby(cluster, None)
         cluster.dirty = True
         if standby is not None:

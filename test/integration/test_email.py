@@ -768,7 +768,7 @@ def test_workload_rate_with_and_without_email(mail, services, metrics):
     7 subscribers of the task, its story, project and group) and the timeline event (10
     subscription_events rows: the story's tasks and projects too), N times,
     through the broker; events/s with the email plugin off and on, and mails/s to the sink."""
-    import g_util
+    import guarantee_helpers
     cluster, sink, publisher, mark = mail
     n = int(os.environ.get("SBW_MAIL_EVENTS", "1000"))
     b = 95000
@@ -786,7 +786,7 @@ def test_workload_rate_with_and_without_email(mail, services, metrics):
         last_se = cluster.one("SELECT coalesce(max(id), 0) FROM subscription_events")
         last_ob = cluster.one("SELECT coalesce(max(id), 0) FROM storyboard_worker.outbox")
         since = cluster.one("SELECT clock_timestamp()")
-        g_util.publish_window(services.amqp_url, msgs)
+        guarantee_helpers.publish_window(services.amqp_url, msgs)
         wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.ledger WHERE processed_at > %s",
                                      (since,)) >= 2 * n, 180, "%d messages processed" % (2 * n))
         assert cluster.one("SELECT count(*) FROM subscription_events WHERE id > %s", (last_se,)) == 10 * n

@@ -26,7 +26,7 @@ import types
 import psycopg2
 import pytest
 
-import g_util
+import guarantee_helpers
 import sbw
 from sbw import wait_for
 
@@ -49,18 +49,18 @@ def _fault_run(cluster, services, pglog, metrics, name, inject, message_ids=Fals
     is applied, and check exactly-once effects afterwards."""
     n = N_FAULT
     prefix = sbw.unique(name)
-    msgs, payloads = g_util.bulk_messages(n, prefix, message_ids=message_ids)
+    msgs, payloads = guarantee_helpers.bulk_messages(n, prefix, message_ids=message_ids)
     # StoryBoard publishes transient messages, and a broker that dies loses
     # the transient messages still in its queue: that is the publisher's
     # choice, not the consumer's.  To measure our side, these events are
     # persistent (delivery_mode 2) and confirmed before the fault, and the
     # durable queue is declared first (as the consumers declare it).
-    g_util.declare_queue(services.amqp_url)
+    guarantee_helpers.declare_queue(services.amqp_url)
     sbw.set_control(cluster, "slow_ms", 1)      # ~1 ms per event: the fault hits mid-stream
     sbw.register(cluster, "slow")
-    base = g_util.CounterBase(cluster)
+    base = guarantee_helpers.CounterBase(cluster)
     try:
-        pub_secs = g_util.publish_window(services.amqp_url, msgs, persistent=True)
+        pub_secs = guarantee_helpers.publish_window(services.amqp_url, msgs, persistent=True)
         wait_for(lambda: cluster.seen(prefix)[1] >= n // 5, 120, "a fifth of the events applied")
         at_fault = cluster.seen(prefix)[1]
         # committed deliveries still waiting for their WAL flush to be acknowledged
@@ -70,12 +70,12 @@ def _fault_run(cluster, services, pglog, metrics, name, inject, message_ids=Fals
         cluster.wait_consuming(timeout=90)
         cluster.wait_seen(prefix, n, timeout=180)
         t_all = time.monotonic() - t_fault
-        g_util.queue_drained(services, timeout=60)
+        guarantee_helpers.queue_drained(services, timeout=60)
         time.sleep(2)   # a late redelivery would be applied now
-        rows, distinct, bad, redelivered = g_util.applied_check(cluster, prefix, payloads)
+        rows, distinct, bad, redelivered = guarantee_helpers.applied_check(cluster, prefix, payloads)
         d = base.delta()
-        ledger = g_util.ledger_rows(cluster, msgs)
-        dead = g_util.dead_letters_like(cluster, '"key=%s-' % prefix)
+        ledger = guarantee_helpers.ledger_rows(cluster, msgs)
+        dead = guarantee_helpers.dead_letters_like(cluster, '"key=%s-' % prefix)
         metrics.add("fault %s" % name,
                     "published %d persistent (%.1fs), %d applied at the fault, %d of them committed but not yet "
                     "acknowledged (waiting for their WAL flush); after: %d rows, %d distinct, "
@@ -162,7 +162,7 @@ def test_fault_network_silent_broker(cluster, services, pglog, metrics):
     try:
         _fault_run(cluster, services, pglog, metrics, "silent", inject)
     finally:
-        g_util.sigcont_safe(beam)
+        guarantee_helpers.sigcont_safe(beam)
     assert info["detect"] < 7.0, "a silent broker was noticed only after %.1fs (heartbeat 2 s)" % info["detect"]
     assert all("heartbeat" in e.lower() for e in info["errors"]), info["errors"]
     assert info["log"], "no log line about the heartbeat timeout"
@@ -170,7 +170,7 @@ def test_fault_network_silent_broker(cluster, services, pglog, metrics):
 
 # ---------------------------------------------------------------- plugin failures
 def test_transient_errors_retried_then_permanent_dead_lettered_and_replayed(cluster, services, pglog, metrics):
-    g_util.setup_g(cluster)
+    guarantee_helpers.setup_g(cluster)
     prefix = sbw.unique("flaky")
     max_retries = int(cluster.setting("max_retries"))
     # (SQLSTATE, failures before success); 1000 = always fails; 22012 is not transient
@@ -182,19 +182,19 @@ def test_transient_errors_retried_then_permanent_dead_lettered_and_replayed(clus
         cluster.execute("CREATE SEQUENCE %s" % seq)
         cluster.execute("INSERT INTO sbw_g.flaky_plan VALUES (%s, %s, %s, %s)",
                         ("key=%s-%d" % (prefix, i), times, code, seq))
-    g_util.register_g(cluster, "flaky")
+    guarantee_helpers.register_g(cluster, "flaky")
     mark = pglog.mark()
     try:
-        msgs, _ = g_util.bulk_messages(len(plan), prefix)
-        g_util.publish_window(services.amqp_url, msgs)
+        msgs, _ = guarantee_helpers.bulk_messages(len(plan), prefix)
+        guarantee_helpers.publish_window(services.amqp_url, msgs)
 
         def dl(i):
             return cluster.q("SELECT id, plugin, sqlstate, error FROM storyboard_worker.dead_letters "
                              "WHERE position(convert_to(%s, 'UTF8') in body) > 0",
                              ('"key=%s-%d"' % (prefix, i),))
-        wait_for(lambda: g_util.applied(cluster, "flaky", "key=%s-%%" % prefix)[1] >= 6
+        wait_for(lambda: guarantee_helpers.applied(cluster, "flaky", "key=%s-%%" % prefix)[1] >= 6
                  and dl(always) and dl(perm), 60, "6 events applied by 'flaky', 2 dead letters")
-        g_util.queue_drained(services)
+        guarantee_helpers.queue_drained(services)
         time.sleep(1)
         attempts = [cluster.one("SELECT last_value FROM sbw_g.%s_%d" % (prefix, i)) for i in range(len(plan))]
         per_key = dict(cluster.q("SELECT key, count(*) FROM sbw_g.applied WHERE plugin = 'flaky' AND key LIKE %s "
@@ -232,11 +232,11 @@ def test_transient_errors_retried_then_permanent_dead_lettered_and_replayed(clus
         cluster.execute("UPDATE sbw_g.flaky_plan SET fail_times = 0 WHERE key LIKE %s", ("key=%s-%%" % prefix,))
         for dl_id, i in ((a_id, always), (p_id, perm)):
             assert cluster.one("SELECT storyboard_worker.replay(%s)", (dl_id,)) is True
-            assert g_util.applied(cluster, "flaky", "key=%s-%d" % (prefix, i)) == (1, 1)
+            assert guarantee_helpers.applied(cluster, "flaky", "key=%s-%d" % (prefix, i)) == (1, 1)
             assert not dl(i)
             with pytest.raises(psycopg2.Error, match="does not exist"):
                 cluster.one("SELECT storyboard_worker.replay(%s)", (dl_id,))
-            assert g_util.applied(cluster, "flaky", "key=%s-%d" % (prefix, i)) == (1, 1)
+            assert guarantee_helpers.applied(cluster, "flaky", "key=%s-%d" % (prefix, i)) == (1, 1)
         assert cluster.seen(prefix) == (len(plan), len(plan)), "replay must not re-run 'record'"
 
         # max_retries is honoured
@@ -246,8 +246,8 @@ def test_transient_errors_retried_then_permanent_dead_lettered_and_replayed(clus
         cluster.execute("CREATE SEQUENCE sbw_g.%s_0" % p2)
         cluster.execute("INSERT INTO sbw_g.flaky_plan VALUES (%s, 1000, 'SB001', %s)",
                         ("key=%s-0" % p2, "sbw_g.%s_0" % p2))
-        g_util.publish_window(services.amqp_url, g_util.bulk_messages(1, p2)[0])
-        wait_for(lambda: g_util.dead_letters_like(cluster, '"key=%s-0"' % p2), 30, "the dead letter")
+        guarantee_helpers.publish_window(services.amqp_url, guarantee_helpers.bulk_messages(1, p2)[0])
+        wait_for(lambda: guarantee_helpers.dead_letters_like(cluster, '"key=%s-0"' % p2), 30, "the dead letter")
         assert cluster.one("SELECT last_value FROM sbw_g.%s_0" % p2) == 3
     finally:
         sbw.unregister(cluster, "flaky")
@@ -260,36 +260,36 @@ def test_deferred_constraint_trigger_is_the_plugins_failure(cluster, services, p
     event, requeued and redelivered); the other plugins' work commits and
     the message is acknowledged once.  replay() applies it once fixed.
     (A real COMMIT failure: test_poison.py.)"""
-    g_util.setup_g(cluster)
-    g_util.set_g_control(cluster, "commit_fail", "on")
-    g_util.register_g(cluster, "gated")
+    guarantee_helpers.setup_g(cluster)
+    guarantee_helpers.set_g_control(cluster, "commit_fail", "on")
+    guarantee_helpers.register_g(cluster, "gated")
     prefix = sbw.unique("gate")
     pids = cluster.consumer_pids()
-    base = g_util.CounterBase(cluster)
+    base = guarantee_helpers.CounterBase(cluster)
     c0 = cluster.one("SELECT last_value + (CASE WHEN is_called THEN 0 ELSE -1 END) FROM sbw_g.commit_attempts")
     try:
-        g_util.publish_window(services.amqp_url, g_util.bulk_messages(1, prefix)[0])
+        guarantee_helpers.publish_window(services.amqp_url, guarantee_helpers.bulk_messages(1, prefix)[0])
         cluster.wait_seen(prefix, 1, timeout=30)
         dl = wait_for(lambda: cluster.q("SELECT id, plugin, sqlstate, error FROM storyboard_worker.dead_letters "
                                         "WHERE position(convert_to(%s, 'UTF8') in body) > 0",
                                         ('"key=%s-0"' % prefix,)), 30, "the gated dead letter")
-        g_util.queue_drained(services)
+        guarantee_helpers.queue_drained(services)
         time.sleep(1)
         checks = cluster.one("SELECT last_value FROM sbw_g.commit_attempts") - c0
         assert [(p, st) for _i, p, st, _e in dl] == [("gated", "23514")], dl
         assert dl[0][3] == "commit refused for key=%s-0" % prefix, dl
         assert checks == 1, "the deferred check ran %d times (requeued?)" % checks
         assert cluster.seen(prefix) == (1, 1)
-        assert g_util.applied(cluster, "gated", "key=%s-%%" % prefix) == (0, 0)
+        assert guarantee_helpers.applied(cluster, "gated", "key=%s-%%" % prefix) == (0, 0)
         assert base.delta()["messages_redelivered"] == 0
-        g_util.set_g_control(cluster, "commit_fail", "off")
+        guarantee_helpers.set_g_control(cluster, "commit_fail", "off")
         assert cluster.one("SELECT storyboard_worker.replay(%s)", (dl[0][0],)) is True
-        assert g_util.applied(cluster, "gated", "key=%s-%%" % prefix) == (1, 1)
+        assert guarantee_helpers.applied(cluster, "gated", "key=%s-%%" % prefix) == (1, 1)
         assert cluster.consumer_pids() == pids, "consumers restarted"
         metrics.add("deferred constraint trigger", "refused in the plugin's subtransaction: dead letter %s/%s, "
                     "checked %d time(s), other plugin applied once, replayed once fixed" % (dl[0][1], dl[0][2], checks))
     finally:
-        g_util.set_g_control(cluster, "commit_fail", "off")
+        guarantee_helpers.set_g_control(cluster, "commit_fail", "off")
         sbw.unregister(cluster, "gated")
 
 
@@ -298,23 +298,23 @@ def test_plugin_slower_than_two_heartbeats_applied_once(cluster, services, pglog
     drops the connection and redelivers the message to another consumer
     while the first is still running it.  The effect must still be applied
     once (the first transaction or the second, not both)."""
-    g_util.setup_g(cluster)
+    guarantee_helpers.setup_g(cluster)
     cluster.set_gucs(rabbit_heartbeat=2)
     cluster.wait_consuming(timeout=30)
-    g_util.set_g_control(cluster, "slow_first_ms", 10000)
-    g_util.register_g(cluster, "slow_first")
+    guarantee_helpers.set_g_control(cluster, "slow_first_ms", 10000)
+    guarantee_helpers.register_g(cluster, "slow_first")
     prefix = sbw.unique("hb")
-    base = g_util.CounterBase(cluster)
+    base = guarantee_helpers.CounterBase(cluster)
     mark = pglog.mark()
     try:
-        g_util.publish_window(services.amqp_url, g_util.bulk_messages(1, prefix)[0])
+        guarantee_helpers.publish_window(services.amqp_url, guarantee_helpers.bulk_messages(1, prefix)[0])
         cluster.wait_seen(prefix, 1, timeout=30)
         # the slow first attempt ends 10 s after it started
         wait_for(lambda: not cluster.q("SELECT 1 FROM pg_stat_activity WHERE backend_type = %s "
                                        "AND wait_event = 'PgSleep'", (sbw.CONSUMER,), db="postgres"),
                  30, "the slow plugin call finished")
         cluster.wait_consuming(timeout=30)
-        g_util.queue_drained(services)
+        guarantee_helpers.queue_drained(services)
         time.sleep(1.5)
         rows = cluster.q("SELECT redelivered, backend_pid, at FROM sbw_test.seen WHERE key = %s ORDER BY at",
                          ("key=%s-0" % prefix,))
@@ -336,11 +336,11 @@ def _raw_states(cluster):
 
 
 def test_drop_extension_idles_workers_and_create_wakes_them(cluster, services, pglog, metrics):
-    g_util.setup_g(cluster)     # sbw_g.raw_stats() survives DROP EXTENSION
+    guarantee_helpers.setup_g(cluster)     # sbw_g.raw_stats() survives DROP EXTENSION
     n = cluster.worker_count()
     pids = cluster.consumer_pids()
     user = _sb_user(services)
-    g_util.declare_queue(services.amqp_url)
+    guarantee_helpers.declare_queue(services.amqp_url)
     prefix = sbw.unique("drop")
     mark = pglog.mark()
     recreated = False
@@ -349,7 +349,7 @@ def test_drop_extension_idles_workers_and_create_wakes_them(cluster, services, p
         time.sleep(6)     # longer than the consumers' 5 s idle check
         states_without_events = _raw_states(cluster)
         # events published while the extension is gone are kept in the queue
-        g_util.publish_window(services.amqp_url, g_util.bulk_messages(20, prefix)[0])
+        guarantee_helpers.publish_window(services.amqp_url, guarantee_helpers.bulk_messages(20, prefix)[0])
         wait_for(lambda: (s := _raw_states(cluster)) and all(x == "idle" for x in s) and len(s) == n, 30,
                  "every consumer idle (raw stats %r)" % _raw_states(cluster))
         t_idle = time.monotonic()
@@ -383,7 +383,7 @@ def test_drop_extension_idles_workers_and_create_wakes_them(cluster, services, p
         assert cluster.wait_seen(prefix, 20, timeout=30) == (20, 20)
         # the dead-letter and ledger statements the consumers prepared before
         # the DROP work on the new tables
-        g_util.publish_window(services.amqp_url, [("task", b"{not json", {"message_id": prefix + "-poison"})])
+        guarantee_helpers.publish_window(services.amqp_url, [("task", b"{not json", {"message_id": prefix + "-poison"})])
         wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.dead_letters WHERE message_id = %s",
                                      (prefix + "-poison",)) == 1, 20, "the poison message dead-lettered")
         assert cluster.one("SELECT count(*) FROM storyboard_worker.ledger") >= 21
@@ -406,12 +406,12 @@ def test_standby_idle_until_promoted(cluster, services, metrics):
     """pg_basebackup -R of the test cluster as a standby (its own exchange and
     queue, so it cannot take the primary's events): no storyboard_worker
     process while in recovery; consumers after pg_promote()."""
-    g_util.setup_g(cluster)
+    guarantee_helpers.setup_g(cluster)
     exchange, queue = "sbw_g_standby_x", "sbw_g_standby_q"
     t_start = time.monotonic()
     standby = None
     try:
-        standby = g_util.Standby(services, PGBIN,
+        standby = guarantee_helpers.Standby(services, PGBIN,
                                  "storyboard_worker.rabbit_exchange_name = '%s'\n"
                                  "storyboard_worker.rabbit_event_queue_name = '%s'" % (exchange, queue))
         sb = standby.cluster
@@ -427,8 +427,8 @@ def test_standby_idle_until_promoted(cluster, services, metrics):
         st = sb.wait_consuming(timeout=30)
         promote_secs = time.monotonic() - t0
         prefix = sbw.unique("standby")
-        msgs, _ = g_util.bulk_messages(10, prefix)
-        g_util.publish_window(services.amqp_url, msgs, exchange=exchange)
+        msgs, _ = guarantee_helpers.bulk_messages(10, prefix)
+        guarantee_helpers.publish_window(services.amqp_url, msgs, exchange=exchange)
         assert sb.wait_seen(prefix, 10, timeout=30) == (10, 10)
         assert cluster.seen(prefix) == (0, 0)
         metrics.add("standby", "no storyboard_worker process in recovery; %d consumers consuming %.1fs after "
@@ -436,7 +436,7 @@ def test_standby_idle_until_promoted(cluster, services, metrics):
     finally:
         if standby is not None:
             standby.stop()
-        for fn, arg in ((g_util.delete_queue, queue), (g_util.delete_exchange, exchange)):
+        for fn, arg in ((guarantee_helpers.delete_queue, queue), (guarantee_helpers.delete_exchange, exchange)):
             try:
                 fn(services.amqp_url, arg)
             except Exception:
@@ -465,7 +465,7 @@ def test_rabbit_host_list_tried_in_turn(cluster, services, pglog, metrics):
     tried = pglog.grep(mark, r"127\.0\.0\.2:%d" % port)
     assert tried, "no attempt on the first host of the list in %d reconnects" % rounds
     prefix = sbw.unique("hosts")
-    g_util.publish_window(services.amqp_url, g_util.bulk_messages(20, prefix)[0])
+    guarantee_helpers.publish_window(services.amqp_url, guarantee_helpers.bulk_messages(20, prefix)[0])
     assert cluster.wait_seen(prefix, 20, timeout=30) == (20, 20)
     metrics.add("rabbit_host list", "'127.0.0.2, 127.0.0.1': %d reconnect round(s), refused host logged: %s"
                 % (rounds, tried[0][-120:]))
@@ -480,13 +480,13 @@ def test_quorum_queue(cluster, services, metrics):
         row = [l.split() for l in out.splitlines() if l.split() and l.split()[0] == queue]
         assert row and row[0][1] == "quorum", out
         prefix = sbw.unique("quorum")
-        g_util.publish_window(services.amqp_url, g_util.bulk_messages(50, prefix)[0])
+        guarantee_helpers.publish_window(services.amqp_url, guarantee_helpers.bulk_messages(50, prefix)[0])
         assert cluster.wait_seen(prefix, 50, timeout=30) == (50, 50)
-        g_util.queue_drained(services, queue)
+        guarantee_helpers.queue_drained(services, queue)
     finally:
         cluster.restore_gucs()
         cluster.wait_consuming(timeout=60)
         try:
-            g_util.delete_queue(services.amqp_url, queue)
+            guarantee_helpers.delete_queue(services.amqp_url, queue)
         except Exception:
             pass

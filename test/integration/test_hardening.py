@@ -14,13 +14,13 @@ import os
 import signal
 import time
 
-import g_util
+import guarantee_helpers
 import sbw
 from sbw import wait_for
 
 
 def _consumer_mem(cluster):
-    return {pid: g_util.proc_mem(pid) for pid in cluster.consumer_pids()}
+    return {pid: guarantee_helpers.proc_mem(pid) for pid in cluster.consumer_pids()}
 
 
 def test_oversized_body_never_held_whole(cluster, services, metrics):
@@ -36,10 +36,10 @@ def test_oversized_body_never_held_whole(cluster, services, metrics):
         with open("/proc/%d/clear_refs" % pid, "w") as f:
             f.write("5")
     before = _consumer_mem(cluster)
-    g_util.publish_window(services.amqp_url, [("task", body, {"message_id": prefix + "-big"})])
+    guarantee_helpers.publish_window(services.amqp_url, [("task", body, {"message_id": prefix + "-big"})])
     row = wait_for(lambda: cluster.q("SELECT length(body), sqlstate, error FROM storyboard_worker.dead_letters "
                                      "WHERE message_id = %s", (prefix + "-big",)), 60, "the dead letter")[0]
-    g_util.queue_drained(services)
+    guarantee_helpers.queue_drained(services)
     after = _consumer_mem(cluster)
     growth = max(after[p]["VmHWM"] - before[p]["VmHWM"] for p in before if p in after)
     metrics.add("oversized body", "%d-byte body, max_message_bytes 64kB: dead letter of %d bytes (%s: %s); "
@@ -63,7 +63,7 @@ def test_ledger_pruned_under_a_sustained_backlog(cluster, services, metrics):
         cluster.execute("INSERT INTO storyboard_worker.ledger VALUES ('0ddba110-0000-0000-0000-000000000000', "
                         "now() - interval '30 days')")
         prefix = sbw.unique("bl")
-        g_util.publish_window(services.amqp_url, g_util.bulk_messages(1500, prefix)[0])
+        guarantee_helpers.publish_window(services.amqp_url, guarantee_helpers.bulk_messages(1500, prefix)[0])
         # consumer 0 prunes when it starts and then every minute, busy or not
         c0 = [s["pid"] for s in cluster.stats() if s["worker_id"] == 0]
         cluster.execute("SELECT pg_terminate_backend(%s)", (c0[0],), db="postgres")
@@ -75,7 +75,7 @@ def test_ledger_pruned_under_a_sustained_backlog(cluster, services, metrics):
         assert gone[0] > 0, "the queue was already drained: not a backlog"
     finally:
         sbw.set_control(cluster, "slow_ms", 0)
-        g_util.queue_drained(services, timeout=120)
+        guarantee_helpers.queue_drained(services, timeout=120)
         sbw.unregister(cluster, "slow")
 
 
@@ -92,7 +92,7 @@ def test_worker_ids_never_duplicated(cluster, services, pglog, metrics):
         p = sbw.publish.bulk_events(1, prefix)[0]
         p["query_string"] = "key=%s-deaf-4000" % prefix
         mark = pglog.mark()
-        g_util.publish_window(services.amqp_url, [("task", sbw.publish.encode(p), None)])
+        guarantee_helpers.publish_window(services.amqp_url, [("task", sbw.publish.encode(p), None)])
         wait_for(lambda: pglog.grep(mark, "sbw_test_plugins: deaf for 4000 ms"), 10, "consumer 0 in the plugin")
         old = cluster.consumer_pids()
         cluster.set_gucs(worker_count=0)
@@ -121,19 +121,19 @@ def test_message_ids_kept_whole_and_valid(cluster, services, metrics):
     is stored as \\x + hex (never cut, never invalid text), and two ids that
     differ only after a NUL are two messages."""
     prefix = sbw.unique("mid")
-    msgs, _ = g_util.bulk_messages(2, prefix)
+    msgs, _ = guarantee_helpers.bulk_messages(2, prefix)
     ids = [b"same\x00one", b"same\x00two", b"bad\xff\xfe-" + prefix.encode(), ("ünï-" + prefix).encode()]
     out = [(msgs[0][0], msgs[0][1], {"message_id": ids[0]}),
            (msgs[1][0], msgs[1][1], {"message_id": ids[1]}),
            ("task", b"not json " + prefix.encode(), {"message_id": ids[2]}),
            ("task", b"not json either " + prefix.encode(), {"message_id": ids[3]})]
-    g_util.publish_window(services.amqp_url, out)
+    guarantee_helpers.publish_window(services.amqp_url, out)
     cluster.wait_seen(prefix, 2, timeout=30)
     dl = wait_for(lambda: len(r := cluster.q(
         "SELECT message_id FROM storyboard_worker.dead_letters WHERE position(convert_to(%s, 'UTF8') in body) > 0 "
         "ORDER BY id", (prefix,))) == 2 and r, 30, "2 dead letters")
     keys = cluster.q("SELECT count(*) FROM storyboard_worker.ledger WHERE message_key = ANY(%s::uuid[])",
-                     ([g_util.ledger_key(None, None, i) for i in ids[:2]],))[0][0]
+                     ([guarantee_helpers.ledger_key(None, None, i) for i in ids[:2]],))[0][0]
     metrics.add("message ids", "NUL and invalid UTF-8 ids stored as %r; ids differing after a NUL: %d ledger rows"
                 % ([r[0] for r in dl], keys))
     assert sorted(r[0] for r in dl) == sorted(["\\x" + ids[2].hex(), ids[3].decode()]), dl
@@ -172,7 +172,7 @@ def test_fast_shutdown_with_a_silent_broker(cluster, services, metrics):
         services.pg_stop()
         took = time.monotonic() - t0
     finally:
-        g_util.sigcont_safe(beam)
+        guarantee_helpers.sigcont_safe(beam)
     services.pg_start()
     cluster.reset_connections()
     cluster.wait_consuming(timeout=60)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-import g_util
+import guarantee_helpers
 import sbw
 from sbw import wait_for
 
@@ -55,7 +55,7 @@ def _poison_dead_letters(cluster, needle):
 
 
 def _messages_with(prefix, n, poison_index, marker):
-    msgs, payloads = g_util.bulk_messages(n, prefix)
+    msgs, payloads = guarantee_helpers.bulk_messages(n, prefix)
     p = payloads[poison_index]
     p["query_string"] = "key=%s-%s" % (prefix, marker)
     msgs[poison_index] = (p["resource"], sbw.publish.encode(p), None)
@@ -71,13 +71,13 @@ def test_deferred_fk_broken_by_a_plugin_is_its_dead_letter(cluster, services, ba
     cluster.execute("SELECT storyboard_worker.register_plugin('orphan', 'sbw_p.orphan(storyboard_worker.event)')")
     cluster.set_gucs(batch_size=batch_size)
     pids = cluster.consumer_pids()
-    base = g_util.CounterBase(cluster)
+    base = guarantee_helpers.CounterBase(cluster)
     try:
         prefix = sbw.unique("fk")
         msgs = _messages_with(prefix, 10, 4, "orphan")
-        g_util.publish_window(services.amqp_url, msgs)
+        guarantee_helpers.publish_window(services.amqp_url, msgs)
         wait_for(lambda: cluster.seen(prefix) == (10, 10), 30, "10 events recorded")
-        g_util.queue_drained(services)
+        guarantee_helpers.queue_drained(services)
         dl = cluster.q("SELECT plugin, sqlstate, error FROM storyboard_worker.dead_letters "
                        "WHERE position(convert_to(%s, 'UTF8') in body) > 0", ('"key=%s-' % prefix,))
         children = cluster.one("SELECT count(*) FROM sbw_p.child WHERE key LIKE %s", ("key=%s-%%" % prefix,))
@@ -113,17 +113,17 @@ def test_commit_failure_requeued_then_applied_once_fixed(cluster, services, pglo
     try:
         prefix = sbw.unique("cf")
         msgs = _messages_with(prefix, 3, 1, "commit-fail")
-        g_util.publish_window(services.amqp_url, msgs)
+        guarantee_helpers.publish_window(services.amqp_url, msgs)
         # (repeated failures are logged once a minute: count them in the table)
         counted = wait_for(lambda: (cluster.one("SELECT max(attempts) FROM storyboard_worker.redeliveries")
                                     or 0) >= 3 and cluster.one("SELECT max(attempts) FROM "
                                                                "storyboard_worker.redeliveries"),
                            60, "3 counted redeliveries")
         assert cluster.seen(prefix) == (2, 2)
-        assert g_util.dead_letters_like(cluster, '"key=%s-' % prefix) == 0
+        assert guarantee_helpers.dead_letters_like(cluster, '"key=%s-' % prefix) == 0
         sbw.set_control(cluster, "fail_commits", "off")
         wait_for(lambda: cluster.seen(prefix) == (3, 3), 60, "the event applied once fixed")
-        g_util.queue_drained(services)
+        guarantee_helpers.queue_drained(services)
         time.sleep(1)
         red = cluster.one("SELECT redelivered FROM sbw_test.seen WHERE key = %s", ("key=%s-commit-fail" % prefix,))
         left = cluster.one("SELECT count(*) FROM storyboard_worker.redeliveries")
@@ -149,15 +149,15 @@ def test_commit_failure_in_a_batch_is_isolated_and_given_up_on(cluster, services
         prefix = sbw.unique("cb")
         msgs = _messages_with(prefix, 60, 25, "commit-fail")
         t0 = time.monotonic()
-        g_util.publish_window(services.amqp_url, msgs)
+        guarantee_helpers.publish_window(services.amqp_url, msgs)
         wait_for(lambda: cluster.seen(prefix) == (59, 59) and _poison_dead_letters(cluster, "commit-fail"),
                  90, "59 events applied and the poison given up on")
-        g_util.queue_drained(services)
+        guarantee_helpers.queue_drained(services)
         took = time.monotonic() - t0
         (plugin, state, error), = _poison_dead_letters(cluster, '"key=%s-commit-fail"' % prefix)
         failures = len(pglog.grep(mark, "fails at COMMIT on purpose"))
         one_at_a_time = pglog.grep(mark, "one at a time")
-        poison_key = g_util.ledger_key(msgs[25][0], msgs[25][1])
+        poison_key = guarantee_helpers.ledger_key(msgs[25][0], msgs[25][1])
         acked = cluster.one("SELECT count(*) FROM storyboard_worker.ledger WHERE message_key = %s", (poison_key,))
         metrics.add("COMMIT failure in a batch", "60 events, batch_size 20: 59 applied once, the poison failed "
                     "at COMMIT %d times and was dead-lettered (%s: %s) in %.1fs; %d batch(es) rerun one at a time"
@@ -188,10 +188,10 @@ def test_crashing_plugin_poison_dead_lettered(cluster, services, pglog, metrics)
         prefix = sbw.unique("sg")
         msgs = _messages_with(prefix, 300, 150, "crash-me")
         t0 = time.monotonic()
-        g_util.publish_window(services.amqp_url, msgs)
+        guarantee_helpers.publish_window(services.amqp_url, msgs)
         wait_for(lambda: cluster.seen(prefix)[1] >= 299 and _poison_dead_letters(cluster, "crash-me"),
                  180, "299 events applied and the poison given up on")
-        g_util.queue_drained(services, timeout=60)
+        guarantee_helpers.queue_drained(services, timeout=60)
         took = time.monotonic() - t0
         time.sleep(1)
         rows, keys = cluster.seen(prefix)

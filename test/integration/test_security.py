@@ -18,7 +18,7 @@ import time
 import psycopg2
 import pytest
 
-import g_util
+import guarantee_helpers
 import sbw
 from sbw import wait_for
 
@@ -158,13 +158,13 @@ def test_hostile_bodies_dead_lettered_with_exact_errors(cluster, services, pglog
     tag = sbw.unique("h")
     cases = hostile_cases(tag, limit)
     pids = cluster.consumer_pids()
-    base = g_util.CounterBase(cluster)
+    base = guarantee_helpers.CounterBase(cluster)
     mark = pglog.mark()
     msgs = [("task", body, {"message_id": "%s-%s" % (tag, name)}) for name, (body, _s, _e) in cases.items()]
     # then a good event: it still goes through
     good = _body(tag, "good-0")
     msgs.append(("task", _enc(good), None))
-    g_util.publish_window(services.amqp_url, msgs)
+    guarantee_helpers.publish_window(services.amqp_url, msgs)
     cluster.wait_seen(tag + "-good", 1, timeout=30)
 
     def dead():
@@ -173,7 +173,7 @@ def test_hostile_bodies_dead_lettered_with_exact_errors(cluster, services, pglog
             "FROM storyboard_worker.dead_letters WHERE message_id LIKE %s", (tag + "-%",))}
     got = wait_for(lambda: len(d := dead()) >= len(cases) and d, 30,
                    "%d dead letters; missing %r" % (len(cases), sorted(set(cases) - set(dead()))))
-    g_util.queue_drained(services)
+    guarantee_helpers.queue_drained(services)
     wrong = []
     for name, (body, sqlstate, error) in cases.items():
         plugin, st, err, rk, stored, _red = got[name]
@@ -339,19 +339,19 @@ def _grant_plugin_role(cluster, role):
 
 
 def test_plugins_run_as_the_configured_role(cluster, services, pglog, metrics):
-    g_util.setup_g(cluster)
+    guarantee_helpers.setup_g(cluster)
     cluster.execute(PLUGIN_ROLE_SQL)
     for r in (PLUGIN_ROLE, OWNER_ROLE):
         _drop_role(cluster, r)
         _grant_plugin_role(cluster, r)
-    g_util.register_g(cluster, "whoami")
-    g_util.register_g(cluster, "nosy")
+    guarantee_helpers.register_g(cluster, "whoami")
+    guarantee_helpers.register_g(cluster, "nosy")
     try:
         cluster.set_gucs(role=PLUGIN_ROLE)
         wait_for(lambda: cluster.setting("role") == PLUGIN_ROLE, 10, "the role setting")
         time.sleep(0.5)
         prefix = sbw.unique("who")
-        g_util.publish_window(services.amqp_url, g_util.bulk_messages(3, prefix)[0])
+        guarantee_helpers.publish_window(services.amqp_url, guarantee_helpers.bulk_messages(3, prefix)[0])
         # 'record' inserting as the role proves its grants are enough
         assert cluster.wait_seen(prefix, 3, timeout=30) == (3, 3)
         rows = wait_for(lambda: len(r := cluster.q("SELECT cur, sess, is_super, dead_letters, ledger, plugins, "
@@ -376,7 +376,7 @@ def test_plugins_run_as_the_configured_role(cluster, services, pglog, metrics):
         wait_for(lambda: cluster.setting("role") == "", 10, "the role setting reset")
         time.sleep(0.5)
         p2 = sbw.unique("who")
-        g_util.publish_window(services.amqp_url, g_util.bulk_messages(2, p2)[0])
+        guarantee_helpers.publish_window(services.amqp_url, guarantee_helpers.bulk_messages(2, p2)[0])
         assert cluster.wait_seen(p2, 2, timeout=30) == (2, 2)
         cur = wait_for(lambda: len(r := cluster.q("SELECT cur FROM sbw_g.whoami WHERE key LIKE %s",
                                                   ("key=%s-%%" % p2,))) == 2 and r, 30, "2 whoami rows")
@@ -409,7 +409,7 @@ def test_broker_password_never_shown_or_logged(cluster, services, pglog, intrude
         st = cluster.wait_consuming(timeout=60)
         assert len(services.connections(user)) == n
         prefix = sbw.unique("pw")
-        g_util.publish_window(services.amqp_url, g_util.bulk_messages(5, prefix)[0])
+        guarantee_helpers.publish_window(services.amqp_url, guarantee_helpers.bulk_messages(5, prefix)[0])
         assert cluster.wait_seen(prefix, 5, timeout=30) == (5, 5)
         seen_ok = [dict(s) for s in st]
 

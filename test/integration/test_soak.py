@@ -17,7 +17,7 @@ import os
 import threading
 import time
 
-import g_util
+import guarantee_helpers
 import sbw
 from sbw import wait_for
 
@@ -42,14 +42,14 @@ def _small_events(n, prefix):
 
 def test_soak_one_consumer_memory_flat(cluster, services, metrics):
     n = SOAK_N
-    g_util.setup_g(cluster)
+    guarantee_helpers.setup_g(cluster)
     cluster.set_gucs(worker_count=1)
     wait_for(lambda: len(cluster.consumer_pids()) == 1, 30, "one consumer")
     cluster.wait_consuming(1, timeout=30)
     pid = cluster.consumer_pids()[0]
-    g_util.declare_queue(services.amqp_url)
+    guarantee_helpers.declare_queue(services.amqp_url)
     sbw.unregister(cluster, "record")
-    g_util.register_g(cluster, "count")
+    guarantee_helpers.register_g(cluster, "count")
     prefix = sbw.unique("soak")
     msgs = _small_events(n, prefix)
     body_bytes = sum(len(m[1]) for m in msgs) / len(msgs)
@@ -59,7 +59,7 @@ def test_soak_one_consumer_memory_flat(cluster, services, metrics):
 
     def publish():
         try:
-            pub["secs"] = g_util.publish_window(services.amqp_url, msgs, window=1000, timeout=600)
+            pub["secs"] = guarantee_helpers.publish_window(services.amqp_url, msgs, window=1000, timeout=600)
         except Exception as e:     # reported by the main thread
             pub["error"] = e
     samples = []    # (seconds, processed, mem)
@@ -72,7 +72,7 @@ def test_soak_one_consumer_memory_flat(cluster, services, metrics):
             st = cluster.stats()
             assert st and st[0]["pid"] == pid, "the consumer changed: %r" % st
             done = int(st[0]["messages_processed"]) - p0
-            samples.append((time.monotonic() - t0, done, g_util.proc_mem(pid)))
+            samples.append((time.monotonic() - t0, done, guarantee_helpers.proc_mem(pid)))
             if done >= n:
                 break
             assert "error" not in pub, "publishing failed: %r" % pub.get("error")
@@ -81,7 +81,7 @@ def test_soak_one_consumer_memory_flat(cluster, services, metrics):
             time.sleep(1.0)
         secs = time.monotonic() - t0
         th.join(60)
-        g_util.queue_drained(services, timeout=60)
+        guarantee_helpers.queue_drained(services, timeout=60)
         rows = cluster.q("SELECT count(*), count(DISTINCT key) FROM sbw_g.soak WHERE key LIKE %s",
                          ("key=%s-%%" % prefix,))[0]
         assert tuple(rows) == (n, n), "applied %r of %d" % (rows, n)

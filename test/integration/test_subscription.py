@@ -70,7 +70,7 @@ def test_subscription_workload_rate(storyboard_tables, services, metrics):
     give exactly one subscription_events row per subscriber; the rate (first
     to last commit) is reported."""
     import time
-    import g_util
+    import guarantee_helpers
     cluster = storyboard_tables
     n = int(os.environ.get("SBW_SUB_EVENTS", "2000"))
     base = 90000
@@ -87,7 +87,7 @@ def test_subscription_workload_rate(storyboard_tables, services, metrics):
             te["resource_after"]["event_info"] = info
             msgs.append(("timeline_event", sbw.publish.encode(te), None))
         t0 = time.time()
-        g_util.publish_window(services.amqp_url, msgs)
+        guarantee_helpers.publish_window(services.amqp_url, msgs)
         wait_for(lambda: cluster.one("SELECT count(*) FROM subscription_events WHERE id > %s", (last,)) >= 10 * n,
                  120, "%d subscription_events" % (10 * n))
         rows, subs, span = cluster.q(

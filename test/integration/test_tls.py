@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-import g_util
+import guarantee_helpers
 import sbw
 from sbw import wait_for
 
@@ -84,7 +84,7 @@ def tls_broker(services):
     env = {k: v for k, v in os.environ.items() if k not in _SVC_STATE_VARS}
     env["SVC_DIR"] = tb.dir
     used = {services.pg_port, services.amqp_port}
-    tb.tls_port = g_util.free_port(used)
+    tb.tls_port = guarantee_helpers.free_port(used)
     adv = os.path.join(tb.dir, "advanced.config")
     with open(adv, "w") as f:
         f.write('[{rabbit, [{ssl_listeners, [{"127.0.0.1", %d}]},\n'
@@ -127,7 +127,7 @@ def _consuming_on(cluster, broker, timeout=30):
 
 def _events_through(cluster, tb, n=20):
     prefix = sbw.unique("tls")
-    g_util.publish_window(tb.svc.amqp_url, g_util.bulk_messages(n, prefix)[0])
+    guarantee_helpers.publish_window(tb.svc.amqp_url, guarantee_helpers.bulk_messages(n, prefix)[0])
     assert cluster.wait_seen(prefix, n, timeout=30) == (n, n)
 
 

@@ -22,7 +22,7 @@ import time
 import psycopg2
 import pytest
 
-import g_util
+import guarantee_helpers
 import sbw
 from sbw import wait_for
 
@@ -226,7 +226,7 @@ def test_hostile_search_path_runs_nothing_elevated(cluster, services, roles, pgl
     mark = pglog.mark()
     try:
         prefix = sbw.unique("hp")
-        msgs, _ = g_util.bulk_messages(5, prefix)
+        msgs, _ = guarantee_helpers.bulk_messages(5, prefix)
         # StoryBoard timeline events for the subscription plugin (mock data: events 1..3)
         before = cluster.one("SELECT coalesce(max(id), 0) FROM storyboard.subscription_events")
         for ev_id in (1, 2):
@@ -243,12 +243,12 @@ def test_hostile_search_path_runs_nothing_elevated(cluster, services, roles, pgl
         poison = sbw.publish.bulk_events(1, prefix + "-cf")[0]
         poison["query_string"] = "key=%s-commit-fail" % prefix
         msgs.append(("task", sbw.publish.encode(poison), None))
-        g_util.publish_window(services.amqp_url, msgs)
+        guarantee_helpers.publish_window(services.amqp_url, msgs)
         cluster.wait_seen(prefix, 5 + 2, timeout=60)
         wait_for(lambda: cluster.one("SELECT count(*) FROM storyboard_worker.dead_letters "
                                      "WHERE sqlstate = 'SB002' AND position(convert_to(%s, 'UTF8') in body) > 0",
                                      ("commit-fail",)) == 1, 60, "the commit-fail message given up on")
-        g_util.queue_drained(services)
+        guarantee_helpers.queue_drained(services)
         notified = cluster.one("SELECT count(*) FROM storyboard.subscription_events WHERE id > %s", (before,))
         assert notified > 0, "the subscription plugin wrote nothing"
         dl = cluster.q("SELECT id, plugin, sqlstate FROM storyboard_worker.dead_letters "
@@ -323,22 +323,22 @@ def test_plugin_settings_end_with_the_call(cluster, services, roles, metrics):
     cluster.execute("SELECT storyboard_worker.register_plugin('observer', 'sbw_t.observer(storyboard_worker.event)')")
     try:
         prefix = sbw.unique("set")
-        msgs, _ = g_util.bulk_messages(20, prefix)
-        g_util.publish_window(services.amqp_url, msgs)
+        msgs, _ = guarantee_helpers.bulk_messages(20, prefix)
+        guarantee_helpers.publish_window(services.amqp_url, msgs)
         wait_for(lambda: cluster.one("SELECT count(*) FROM sbw_t.observed WHERE key LIKE %s",
                                      ("key=%s-%%" % prefix,)) == 20, 60, "20 observations")
-        g_util.queue_drained(services)
+        guarantee_helpers.queue_drained(services)
         seen = cluster.q("SELECT DISTINCT path, sync_commit, read_only, work_mem, app FROM sbw_t.observed")
         path = cluster.one("SHOW search_path")
         metrics.add("plugin settings scope", "20 events after a plugin that sets search_path, "
                     "synchronous_commit, work_mem, application_name and READ ONLY: the next plugin saw %r; "
-                    "ledger rows %d of 20; dead letters 0" % (seen, g_util.ledger_rows(cluster, msgs)))
+                    "ledger rows %d of 20; dead letters 0" % (seen, guarantee_helpers.ledger_rows(cluster, msgs)))
         assert len(seen) == 1, seen
         got_path, sync, ro, wm, app = seen[0]
         assert (sync, ro) == ("on", "off"), seen
         assert got_path == path and wm != "1234kB" and app != "set by a plugin", seen
-        assert g_util.ledger_rows(cluster, msgs) == 20
-        assert g_util.dead_letters_like(cluster, '"key=%s-' % prefix) == 0
+        assert guarantee_helpers.ledger_rows(cluster, msgs) == 20
+        assert guarantee_helpers.dead_letters_like(cluster, '"key=%s-' % prefix) == 0
     finally:
         sbw.unregister(cluster, "setter")
         sbw.unregister(cluster, "observer")

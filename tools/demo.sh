@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# test/demo.sh: storyboard_worker end to end in a minute (`make demo`), as root on Debian 12.
+# tools/demo.sh: storyboard_worker end to end in a minute (`make demo`), as root on Debian 12.
 #
 # Installs the packages, builds and installs the extension, starts a throw-away
 # RabbitMQ and PostgreSQL 15 (preloading storyboard_worker), creates database
 # storyboard with StoryBoard's schema (test/fixtures/*.sql when present),
 # CREATE EXTENSION storyboard_worker, turns notifications on, does three API
 # actions the way StoryBoard does (rows in its tables, then the messages
-# published with test/publish.py: a story created, a task status change, a
+# published with tools/publish.py: a story created, a task status change, a
 # comment), waits, and prints subscription_events and the stats view.
 #
 # Environment: DEMO_KEEP=1 leaves both services running (and prints how to
@@ -111,7 +111,7 @@ done
 echo "consumers consuming: $c"
 
 step "three API actions: a story created, a task status change, a comment"
-PUB=("$PY" test/publish.py --url "$AMQP_URL" --mandatory)
+PUB=("$PY" tools/publish.py --url "$AMQP_URL" --mandatory)
 if [ "$HAVE_SCHEMA" = 1 ] && ids=$(psql_sb -At -v ON_ERROR_STOP=1 2>"$SVC_DIR/demo-api.err" <<'SQL'
 -- What StoryBoard's API writes before it publishes (its tables, section 6 of
 -- the reference): a new story with a task, the task set to merged, a
@@ -124,7 +124,7 @@ CREATE TEMP TABLE demo_ids (k text PRIMARY KEY, v bigint);
 INSERT INTO demo_ids SELECT 'author', coalesce((SELECT id FROM users WHERE id = 2), (SELECT min(id) FROM users));
 WITH s AS (INSERT INTO stories (creator_id, title, description, is_bug, story_type_id, private)
 	VALUES ((SELECT v FROM demo_ids WHERE k = 'author'),
-		'Demo: the worker runs inside PostgreSQL', 'Created by test/demo.sh', false, 1, false) RETURNING id)
+		'Demo: the worker runs inside PostgreSQL', 'Created by tools/demo.sh', false, 1, false) RETURNING id)
 INSERT INTO demo_ids SELECT 'story', id FROM s;
 WITH t AS (INSERT INTO tasks (title, status, story_id, project_id, creator_id, priority)
 	VALUES ('Write the consumer', 'inprogress', (SELECT v FROM demo_ids WHERE k = 'story'),
@@ -195,7 +195,7 @@ if [ "$KEEP" = 1 ]; then
 	step "left running (DEMO_KEEP=1)"
 	cat <<EOF
   psql:      psql -h $PGHOST -p $PGPORT -U postgres storyboard
-  publish:   AMQP_URL=$AMQP_URL $PY test/publish.py task-status --task-id 1 --story-id 1
+  publish:   AMQP_URL=$AMQP_URL $PY tools/publish.py task-status --task-id 1 --story-id 1
   logs:      $PG_LOG  $SVC_DIR/rmq/log/
   stop:      SVC_DIR=$SVC_DIR bash test/services.sh svc_cleanup
 EOF

@@ -164,7 +164,7 @@ def publish_window(url, messages, exchange=EXCHANGE, persistent=False, window=50
 
 
 def bulk_messages(count, prefix, message_ids=False):
-    """test/publish.py's bulk events (task status changes keyed 'key=<prefix>-<i>'
+    """tools/publish.py's bulk events (task status changes keyed 'key=<prefix>-<i>'
     in query_string) as (routing_key, body, properties) for publish_window,
     plus the payloads for checking the content."""
     payloads = sbw.publish.bulk_events(count, prefix)

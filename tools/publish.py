@@ -17,14 +17,14 @@ Library:
             pub.publish(body)
 
 Command line (run with /usr/bin/python3, which sees Debian's python3-pika):
-    test/publish.py --url URL demo                 # the demo's sample events
-    test/publish.py --url URL story-created --story-id 7 --title "A story"
-    test/publish.py --url URL task-status --task-id 3 --story-id 7 --old todo --new merged
-    test/publish.py --url URL comment --story-id 7 --comment-id 12
-    test/publish.py --url URL project-group --group-id 1 --project-id 3
-    test/publish.py --url URL bulk --count 500 --prefix run1
-    test/publish.py --url URL raw --routing-key task --body '{"not": "storyboard"}'
-    test/publish.py ... --print                    # print the bodies instead of publishing
+    tools/publish.py --url URL demo                 # the demo's sample events
+    tools/publish.py --url URL story-created --story-id 7 --title "A story"
+    tools/publish.py --url URL task-status --task-id 3 --story-id 7 --old todo --new merged
+    tools/publish.py --url URL comment --story-id 7 --comment-id 12
+    tools/publish.py --url URL project-group --group-id 1 --project-id 3
+    tools/publish.py --url URL bulk --count 500 --prefix run1
+    tools/publish.py --url URL raw --routing-key task --body '{"not": "storyboard"}'
+    tools/publish.py ... --print                    # print the bodies instead of publishing
 """
 
 import argparse
