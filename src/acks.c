@@ -51,6 +51,7 @@
 /* How often acknowledgements waiting for a synchronous standby look again. */
 #define SBW_ACK_STANDBY_POLL_MS	5
 #include "storyboard_worker.h"
+#include "stats.h"
 
 /* Committed deliveries waiting for their commit to be durable. */
 typedef struct SbwPendingAck
@@ -128,12 +129,12 @@ sbw_sync_rep_wanted(void)
 static bool
 sbw_take_flush_turn(void)
 {
-	uint64		last = pg_atomic_read_u64(&sbw_shared->last_ack_flush);
+	uint64		last = pg_atomic_read_u64(sbw_ack_flush_clock());
 	uint64		now = (uint64) GetCurrentTimestamp();
 
 	if (now < last + SBW_ACK_FLUSH_INTERVAL_US && last <= now + SBW_ACK_FLUSH_INTERVAL_US)
 		return false;
-	return pg_atomic_compare_exchange_u64(&sbw_shared->last_ack_flush, &last, now);
+	return pg_atomic_compare_exchange_u64(sbw_ack_flush_clock(), &last, now);
 }
 
 /*
@@ -203,7 +204,7 @@ sbw_durable_lsn(SbwAckFlush how)
 		if (how == SBW_ACK_GROUP && !sbw_take_flush_turn())
 			return durable;
 		if (how == SBW_ACK_FLUSH)
-			pg_atomic_write_u64(&sbw_shared->last_ack_flush, (uint64) GetCurrentTimestamp());
+			pg_atomic_write_u64(sbw_ack_flush_clock(), (uint64) GetCurrentTimestamp());
 		XLogFlush(newest_lsn);
 	}
 	return sync_rep ? sbw_standby_confirmed_lsn() : newest_lsn;
@@ -268,7 +269,7 @@ sbw_acks_wait_ms(void)
 		return -1;
 	if (sbw_sync_rep_wanted() && GetFlushRecPtr(NULL) >= newest_lsn)
 		return SBW_ACK_STANDBY_POLL_MS; /* flushed: the standby's turn */
-	next = pg_atomic_read_u64(&sbw_shared->last_ack_flush) + SBW_ACK_FLUSH_INTERVAL_US;
+	next = pg_atomic_read_u64(sbw_ack_flush_clock()) + SBW_ACK_FLUSH_INTERVAL_US;
 	now = (uint64) GetCurrentTimestamp();
 	if (now >= next || next > now + 2 * SBW_ACK_FLUSH_INTERVAL_US)
 		return 1;

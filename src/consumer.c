@@ -68,6 +68,9 @@
 #include "ledger.h"
 #include "plugins.h"
 #include "storyboard_worker.h"
+#include "guc.h"
+#include "stats.h"
+#include "consumer.h"
 #include "extension.h"
 #include "util.h"
 
@@ -83,6 +86,10 @@
  * is served only after it, so a silent broker must not hold a shutdown.
  */
 #define SBW_CLOSE_MS		1000
+/* How long a disabled consumer sleeps: a reload wakes it anyway. */
+#define SBW_DISABLED_SLEEP_MS	60000
+/* The same error again within this is logged at DEBUG1 only. */
+#define SBW_REPEAT_QUIET_MS	60000
 
 typedef struct SbwConsumerState
 {
@@ -125,7 +132,7 @@ sbw_note_error(int elevel, const char *msg)
 	TimestampTz now = GetCurrentTimestamp();
 
 	if (strncmp(last_msg, msg, sizeof(last_msg) - 1) == 0 &&
-		!TimestampDifferenceExceeds(last_at, now, 60000))
+		!TimestampDifferenceExceeds(last_at, now, SBW_REPEAT_QUIET_MS))
 		elevel = Min(elevel, DEBUG1);
 	else
 	{
@@ -1112,7 +1119,7 @@ sbw_step(void)
 	if (!sbw_enable_notifications)
 	{
 		sbw_go_idle();
-		return 60000;
+		return SBW_DISABLED_SLEEP_MS;
 	}
 	if (!sbw_check_ready(now))
 	{

@@ -53,6 +53,7 @@
 #include "plugins.h"
 #include "scope.h"
 #include "storyboard_worker.h"
+#include "guc.h"
 #include "extension.h"
 #include "dispatch.h"
 

@@ -10,7 +10,24 @@
 
 #include "nodes/pg_list.h"
 
-#include "storyboard_worker.h"
+#include "utils/timestamp.h"
+
+/*
+ * A message: its body and the delivery's metadata.  routing_key and
+ * message_id are text that PostgreSQL can store (sbw_storable_text);
+ * message_id_raw holds the id's bytes as sent, for the ledger key.
+ */
+typedef struct SbwMessage
+{
+	const char *routing_key;
+	const char *message_id;		/* NULL when the publisher set none */
+	const char *message_id_raw;
+	size_t		message_id_len;
+	bool		redelivered;
+	const char *body;
+	size_t		body_len;		/* bytes held in body */
+	size_t		body_declared_len;	/* bytes sent: more when cut short */
+} SbwMessage;
 
 /* What happened to one plugin (or, plugin NULL, to the message itself). */
 typedef struct SbwOutcome

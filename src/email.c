@@ -38,6 +38,8 @@
 #include "render.h"
 #include "scope.h"
 #include "storyboard_worker.h"
+#include "guc.h"
+#include "stats.h"
 #include "extension.h"
 
 PG_FUNCTION_INFO_V1(sbw_email_handler);

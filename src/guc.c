@@ -15,9 +15,12 @@
  */
 #include "postgres.h"
 
+#include <limits.h>
+
 #include "utils/guc.h"
 
 #include "storyboard_worker.h"
+#include "guc.h"
 
 bool		sbw_enable_notifications = false;
 char	   *sbw_database = NULL;

@@ -50,10 +50,16 @@
 #include "utils/wait_event.h"
 
 #include "storyboard_worker.h"
+#include "guc.h"
+#include "stats.h"
+#include "consumer.h"
+#include "launcher.h"
 
 /* A consumer that lived this long is healthy: its back-off starts over. */
 #define SBW_HEALTHY_MS		30000
 #define SBW_MIN_BACKOFF_MS	1000
+/* the longest the launcher sleeps: a missed wake-up costs at most this */
+#define SBW_LAUNCHER_TICK_MS	10000
 
 typedef struct SbwConsumer
 {
@@ -93,14 +99,6 @@ sbw_register_launcher(void)
 	strlcpy(worker.bgw_name, "storyboard_worker launcher", BGW_MAXLEN);
 	strlcpy(worker.bgw_type, "storyboard_worker launcher", BGW_MAXLEN);
 	RegisterBackgroundWorker(&worker);
-}
-
-/* Clear our pid from shared memory on exit. */
-static void
-sbw_launcher_exit(int code, Datum arg)
-{
-	if (sbw_shared && sbw_shared->launcher_pid == MyProcPid)
-		sbw_shared->launcher_pid = 0;
 }
 
 /*
@@ -293,15 +291,125 @@ sbw_reconcile(Oid dboid, bool *registration_failed)
 	return next;
 }
 
-/* Entry point of the launcher. */
+/* What the launcher knows between turns of its loop. */
+typedef struct SbwLauncherState
+{
+	char	   *current_db;		/* storyboard_worker.database followed */
+	Oid			dboid;			/* InvalidOid until it is found */
+	TimestampTz next_db_check;	/* when to look it up again */
+	bool		warned_slots;	/* said that consumers could not start */
+} SbwLauncherState;
+
+static SbwLauncherState ls;
+
+/*
+ * storyboard_worker.database changed (or is read for the first time):
+ * stop the consumers of the old one and look the new one up.
+ */
+static void
+sbw_follow_database_setting(void)
+{
+	if (ls.current_db != NULL && strcmp(ls.current_db, sbw_database) == 0)
+		return;
+	if (ls.current_db != NULL)
+	{
+		ereport(LOG,
+				(errmsg("storyboard_worker.database changed from \"%s\" to \"%s\"; restarting consumers",
+						ls.current_db, sbw_database)));
+		pfree(ls.current_db);
+	}
+	sbw_stop_all_consumers();
+	ls.current_db = MemoryContextStrdup(TopMemoryContext, sbw_database);
+	ls.dboid = InvalidOid;
+	ls.next_db_check = 0;
+}
+
+/*
+ * Look the database up when it is not known and a check is due; a
+ * missing one is waited for, said once per retry_delay.
+ */
+static void
+sbw_find_database(TimestampTz now)
+{
+	if (OidIsValid(ls.dboid) || now < ls.next_db_check)
+		return;
+	ls.dboid = sbw_lookup_database(ls.current_db);
+	if (OidIsValid(ls.dboid))
+		return;
+	ereport(LOG,
+			(errmsg("storyboard_worker is waiting for database \"%s\" to exist",
+					ls.current_db),
+			 errhint("Create it, or set storyboard_worker.database and reload; checking again in %d s.",
+					 sbw_rabbit_retry_delay)));
+	ls.next_db_check = TimestampTzPlusMilliseconds(now, sbw_rabbit_retry_delay * 1000L);
+}
+
+/*
+ * Keep worker_count consumers (and the mailer) running in the database;
+ * returns when the next restart is due (0: none).  A registration refused
+ * for want of worker slots is said once until it succeeds again.
+ */
+static TimestampTz
+sbw_keep_consumers(void)
+{
+	bool		registration_failed;
+	TimestampTz next = sbw_reconcile(ls.dboid, &registration_failed);
+
+	if (registration_failed && !ls.warned_slots)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("storyboard_worker could not start all %d consumers",
+						sbw_worker_count),
+				 errhint("Raise max_worker_processes (needs a restart) or lower storyboard_worker.worker_count.")));
+		ls.warned_slots = true;
+	}
+	else if (!registration_failed)
+		ls.warned_slots = false;
+	return next;
+}
+
+/*
+ * A consumer that exits because its database vanished tells us to look
+ * the database up again before restarting it.
+ */
+static void
+sbw_recheck_database_after_exits(void)
+{
+	int			i;
+
+	if (!OidIsValid(ls.dboid))
+		return;
+	for (i = 0; i < sbw_worker_count; i++)
+		if (consumers[i].failures > 0 && consumers[i].handle == NULL)
+		{
+			ls.dboid = InvalidOid;
+			ls.next_db_check = 0;
+			return;
+		}
+}
+
+/*
+ * Sleep on the latch (consumer exits, reloads and wake_workers() set it)
+ * until the next due time, at most SBW_LAUNCHER_TICK_MS, at least 10 ms.
+ */
+static void
+sbw_launcher_sleep(TimestampTz next)
+{
+	long		timeout_ms = SBW_LAUNCHER_TICK_MS;
+
+	if (next != 0)
+		timeout_ms = Max(Min(TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next),
+							 timeout_ms), 10);
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					 timeout_ms, PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+}
+
+/* Entry point of the launcher: one turn per wake-up, in named steps. */
 void
 sbw_launcher_main(Datum main_arg)
 {
-	char	   *current_db = NULL;
-	Oid			dboid = InvalidOid;
-	TimestampTz next_db_check = 0;
-	bool		warned_slots = false;
-
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
@@ -309,102 +417,22 @@ sbw_launcher_main(Datum main_arg)
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
 	pgstat_report_appname("storyboard_worker launcher");
 
-	sbw_shared->launcher_pid = MyProcPid;
-	before_shmem_exit(sbw_launcher_exit, (Datum) 0);
+	sbw_launcher_attach();
 	memset(consumers, 0, sizeof(consumers));
-
+	memset(&ls, 0, sizeof(ls));
 	ereport(LOG, (errmsg("storyboard_worker launcher started")));
 
 	for (;;)
 	{
-		TimestampTz now;
-		TimestampTz next = 0;
-		long		timeout_ms = 10000;
-
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 		}
-
-		if (current_db == NULL || strcmp(current_db, sbw_database) != 0)
-		{
-			if (current_db != NULL)
-			{
-				ereport(LOG,
-						(errmsg("storyboard_worker.database changed from \"%s\" to \"%s\"; restarting consumers",
-								current_db, sbw_database)));
-				pfree(current_db);
-			}
-			sbw_stop_all_consumers();
-			current_db = MemoryContextStrdup(TopMemoryContext, sbw_database);
-			dboid = InvalidOid;
-			next_db_check = 0;
-		}
-
-		now = GetCurrentTimestamp();
-		if (!OidIsValid(dboid) && now >= next_db_check)
-		{
-			dboid = sbw_lookup_database(current_db);
-			if (!OidIsValid(dboid))
-			{
-				ereport(LOG,
-						(errmsg("storyboard_worker is waiting for database \"%s\" to exist",
-								current_db),
-						 errhint("Create it, or set storyboard_worker.database and reload; checking again in %d s.",
-								 sbw_rabbit_retry_delay)));
-				next_db_check = TimestampTzPlusMilliseconds(now,
-															sbw_rabbit_retry_delay * 1000L);
-			}
-		}
-
-		if (OidIsValid(dboid))
-		{
-			bool		registration_failed;
-
-			next = sbw_reconcile(dboid, &registration_failed);
-			if (registration_failed && !warned_slots)
-			{
-				ereport(WARNING,
-						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-						 errmsg("storyboard_worker could not start all %d consumers",
-								sbw_worker_count),
-						 errhint("Raise max_worker_processes (needs a restart) or lower storyboard_worker.worker_count.")));
-				warned_slots = true;
-			}
-			else if (!registration_failed)
-				warned_slots = false;
-		}
-		else
-			next = next_db_check;
-
-		if (next != 0)
-		{
-			long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next);
-
-			timeout_ms = Max(Min(ms, timeout_ms), 10);
-		}
-
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 timeout_ms, PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-
-		/*
-		 * A consumer that exits because its database vanished tells us to
-		 * look the database up again before restarting it.
-		 */
-		if (OidIsValid(dboid))
-		{
-			int			i;
-
-			for (i = 0; i < sbw_worker_count; i++)
-				if (consumers[i].failures > 0 && consumers[i].handle == NULL)
-				{
-					dboid = InvalidOid;
-					next_db_check = 0;
-					break;
-				}
-		}
+		sbw_follow_database_setting();
+		sbw_find_database(GetCurrentTimestamp());
+		sbw_launcher_sleep(OidIsValid(ls.dboid) ? sbw_keep_consumers() : ls.next_db_check);
+		sbw_recheck_database_after_exits();
 	}
 }

@@ -48,6 +48,7 @@
 #include "plugins.h"
 #include "scope.h"
 #include "storyboard_worker.h"
+#include "dispatch.h"
 #include "ledger.h"
 
 static SbwStmt claim_stmt = SBW_STMT(

@@ -56,8 +56,9 @@
 #include "smtp.h"
 #include "storyboard_worker.h"
 #include "extension.h"
+#include "guc.h"
+#include "stats.h"
 
-PG_FUNCTION_INFO_V1(sbw_mailer_status);
 
 /* How often digests are queued and sent mail pruned, and the longest nap. */
 #define SBW_MAILER_TICK_MS		60000
@@ -117,89 +118,28 @@ static TimestampTz next_tick = 0;
 
 /* Say what the mailer does now (mailer_status(), pg_stat_activity). */
 static void
-sbw_mailer_set_state(const char *state)
+sbw_mailer_report(const char *state)
 {
-	SpinLockAcquire(&sbw_shared->mailer.mutex);
-	strlcpy(sbw_shared->mailer.state, state, sizeof(sbw_shared->mailer.state));
-	SpinLockRelease(&sbw_shared->mailer.mutex);
+	sbw_mailer_set_state(state);
 	pgstat_report_activity(STATE_RUNNING, state);
 }
 
-/* Count one outcome; keep the last error. */
+/* Count one outcome (stats.c keeps the counts and the last error). */
 static void
 sbw_mailer_count(SbwMailOutcome *o)
 {
-	SbwMailerSlot *m = &sbw_shared->mailer;
-
-	SpinLockAcquire(&m->mutex);
 	if (o->result == SBW_SMTP_SENT)
-	{
-		m->sent++;
-		m->last_sent_at = GetCurrentTimestamp();
-	}
+		sbw_mailer_note_sent();
 	else
-	{
-		if (o->result == SBW_SMTP_REFUSED || o->attempts >= sbw_email_max_attempts)
-			m->failed++;
-		else
-			m->retried++;
-		strlcpy(m->last_error, o->error, sizeof(m->last_error));
-		m->last_error_at = GetCurrentTimestamp();
-	}
-	SpinLockRelease(&m->mutex);
+		sbw_mailer_note_unsent(o->result == SBW_SMTP_REFUSED ||
+							   o->attempts >= sbw_email_max_attempts, o->error);
 }
 
-/* Leave the slot at exit. */
+/* Close the SMTP connection at exit. */
 static void
 sbw_mailer_exit(int code, Datum arg)
 {
 	sbw_smtp_reset();
-	SpinLockAcquire(&sbw_shared->mailer.mutex);
-	if (sbw_shared->mailer.pid == MyProcPid)
-	{
-		sbw_shared->mailer.pid = 0;
-		sbw_shared->mailer.latch = NULL;
-		strlcpy(sbw_shared->mailer.state, "stopped", sizeof(sbw_shared->mailer.state));
-	}
-	SpinLockRelease(&sbw_shared->mailer.mutex);
-}
-
-/*
- * storyboard_worker.mailer_status(): the mailer's process, what it does,
- * and its counts since the server started.
- */
-Datum
-sbw_mailer_status(PG_FUNCTION_ARGS)
-{
-	TupleDesc	desc;
-	Datum		values[8];
-	bool		nulls[8] = {false};
-	SbwMailerSlot m;
-
-	sbw_require_current_version();
-	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "mailer_status must return a record");
-	if (sbw_shared == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("storyboard_worker is not loaded through shared_preload_libraries")));
-	SpinLockAcquire(&sbw_shared->mailer.mutex);
-	memcpy(&m, &sbw_shared->mailer, sizeof(m));
-	SpinLockRelease(&sbw_shared->mailer.mutex);
-
-	values[0] = Int32GetDatum(m.pid);
-	nulls[0] = (m.pid == 0);
-	values[1] = CStringGetTextDatum(m.state[0] ? m.state : "stopped");
-	values[2] = Int64GetDatum((int64) m.sent);
-	values[3] = Int64GetDatum((int64) m.failed);
-	values[4] = Int64GetDatum((int64) m.retried);
-	values[5] = TimestampTzGetDatum(m.last_sent_at);
-	nulls[5] = (m.last_sent_at == 0);
-	values[6] = CStringGetTextDatum(m.last_error);
-	nulls[6] = (m.last_error[0] == '\0');
-	values[7] = TimestampTzGetDatum(m.last_error_at);
-	nulls[7] = (m.last_error_at == 0);
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
 }
 
 /* ---------------------------------------------------------------- work */
@@ -300,7 +240,7 @@ sbw_mailer_send_one(void)
 		mail.message_id = sbw_claimed_text(6);
 		mail.in_reply_to = sbw_claimed_text(7);
 		mail.kind = sbw_claimed_text(8);
-		sbw_mailer_set_state("sending");
+		sbw_mailer_report("sending");
 		/* no snapshot held while the server takes its time (the row lock stays) */
 		PopActiveSnapshot();
 		o.result = sbw_smtp_send(&mail, o.error, sizeof(o.error));
@@ -345,7 +285,7 @@ sbw_mailer_tick(void)
 	{
 		Datum		cutoff = TimestampTzGetDatum(now - (TimestampTz) sbw_outbox_retention * USECS_PER_SEC);
 
-		sbw_mailer_set_state("digests");
+		sbw_mailer_report("digests");
 		(void) sbw_stmt_execute(&digests_stmt, NULL, NULL, false, 0, SPI_OK_SELECT);
 		(void) sbw_stmt_execute(&prune_stmt, &cutoff, NULL, false, 0, SPI_OK_DELETE);
 		next_tick = TimestampTzPlusMilliseconds(now, SBW_MAILER_TICK_MS);
@@ -387,10 +327,7 @@ sbw_mailer_main(Datum main_arg)
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
 	pgstat_report_appname("storyboard_worker mailer");
 
-	SpinLockAcquire(&sbw_shared->mailer.mutex);
-	sbw_shared->mailer.pid = MyProcPid;
-	sbw_shared->mailer.latch = MyLatch;
-	SpinLockRelease(&sbw_shared->mailer.mutex);
+	sbw_mailer_attach();
 	before_shmem_exit(sbw_mailer_exit, (Datum) 0);
 	ereport(LOG, (errmsg("storyboard_worker mailer started")));
 
@@ -427,7 +364,7 @@ sbw_mailer_main(Datum main_arg)
 			if (drained && sleep_ms == 0 && pause_until <= now)
 				sleep_ms = 1000;
 		}
-		sbw_mailer_set_state("idle");
+		sbw_mailer_report("idle");
 		pgstat_report_activity(STATE_IDLE, NULL);
 		if (sleep_ms > 0)
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,

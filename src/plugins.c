@@ -50,6 +50,7 @@
 #include "compat.h"
 #include "scope.h"
 #include "storyboard_worker.h"
+#include "guc.h"
 #include "extension.h"
 #include "plugins.h"
 

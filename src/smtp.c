@@ -33,6 +33,7 @@
 #include "email.h"
 #include "smtp.h"
 #include "storyboard_worker.h"
+#include "guc.h"
 
 /* Raw bytes per RFC 2047 encoded-word: 60 base64 characters. */
 #define SBW_WORD_BYTES		45

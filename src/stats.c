@@ -6,7 +6,8 @@
  * Each consumer owns one slot, indexed by its worker number, and is the
  * only writer of it; readers (the stats view) take the slot's spinlock to
  * get a consistent copy.  Counters are cumulative since the slot's worker
- * started.
+ * started.  The mailer has a slot of its own (mailer_status()).  The
+ * layouts are private to this file: the other modules use stats.h.
  *
  *-------------------------------------------------------------------------
  */
@@ -26,15 +27,61 @@
 
 #include "storyboard_worker.h"
 #include "extension.h"
+#include "guc.h"
+#include "stats.h"
 #include "util.h"
 
-SbwShared  *sbw_shared = NULL;
+typedef struct SbwWorkerSlot
+{
+	slock_t		mutex;
+	int			pid;			/* 0 = slot unused */
+	SbwWorkerState state;
+	char		broker[128];
+	TimestampTz connected_since;
+	uint64		received;
+	uint64		processed;
+	uint64		dead_lettered;
+	uint64		redelivered;
+	uint64		duplicates;		/* redelivered and found in the ledger */
+	char		last_error[256];
+	TimestampTz last_error_at;
+	uint64		acked;			/* deliveries acknowledged */
+	int			acks_pending;	/* committed, not acknowledged yet */
+	uint64		ack_waits[SBW_ACK_WAIT_BUCKETS];
+} SbwWorkerSlot;
+
+/* The mailer's shared state (mailer.c), read by mailer_status(). */
+typedef struct SbwMailerSlot
+{
+	slock_t		mutex;
+	int			pid;			/* 0 = not running */
+	struct Latch *latch;		/* set to wake it (mails queued) */
+	char		state[16];
+	uint64		sent;
+	uint64		failed;
+	uint64		retried;
+	TimestampTz last_sent_at;
+	char		last_error[256];
+	TimestampTz last_error_at;
+} SbwMailerSlot;
+
+typedef struct SbwShared
+{
+	int			launcher_pid;
+	SbwMailerSlot mailer;
+	/* when a consumer last flushed the WAL for its acknowledgements (acks.c) */
+	pg_atomic_uint64 last_ack_flush;
+	SbwWorkerSlot slots[SBW_MAX_WORKERS];
+} SbwShared;
+
+static SbwShared *sbw_shared = NULL;
 
 /* This process's slot, if it is a consumer. */
 static SbwWorkerSlot *my_slot = NULL;
 
 PG_FUNCTION_INFO_V1(sbw_worker_stats);
 PG_FUNCTION_INFO_V1(sbw_wake_workers);
+PG_FUNCTION_INFO_V1(sbw_mailer_status);
 
 /* Size of the shared state, requested at startup. */
 Size
@@ -64,6 +111,104 @@ sbw_shmem_init(void)
 			SpinLockInit(&sbw_shared->slots[i].mutex);
 	}
 	LWLockRelease(AddinShmemInitLock);
+}
+
+/* See stats.h. */
+bool
+sbw_shmem_ready(void)
+{
+	return sbw_shared != NULL;
+}
+
+/* See stats.h: the clock lives here so that the layout stays private. */
+pg_atomic_uint64 *
+sbw_ack_flush_clock(void)
+{
+	return &sbw_shared->last_ack_flush;
+}
+
+/* Forget the launcher's pid when it exits, however it exits. */
+static void
+sbw_launcher_detach(int code, Datum arg)
+{
+	if (sbw_shared && sbw_shared->launcher_pid == MyProcPid)
+		sbw_shared->launcher_pid = 0;
+}
+
+/* See stats.h. */
+void
+sbw_launcher_attach(void)
+{
+	sbw_shared->launcher_pid = MyProcPid;
+	before_shmem_exit(sbw_launcher_detach, (Datum) 0);
+}
+
+/* Leave the mailer's slot at exit: no pid, no latch to set, "stopped". */
+static void
+sbw_mailer_detach(int code, Datum arg)
+{
+	SbwMailerSlot *m = &sbw_shared->mailer;
+
+	SpinLockAcquire(&m->mutex);
+	if (m->pid == MyProcPid)
+	{
+		m->pid = 0;
+		m->latch = NULL;
+		strlcpy(m->state, "stopped", sizeof(m->state));
+	}
+	SpinLockRelease(&m->mutex);
+}
+
+/* See stats.h. */
+void
+sbw_mailer_attach(void)
+{
+	SbwMailerSlot *m = &sbw_shared->mailer;
+
+	SpinLockAcquire(&m->mutex);
+	m->pid = MyProcPid;
+	m->latch = MyLatch;
+	SpinLockRelease(&m->mutex);
+	before_shmem_exit(sbw_mailer_detach, (Datum) 0);
+}
+
+/* See stats.h. */
+void
+sbw_mailer_set_state(const char *state)
+{
+	SbwMailerSlot *m = &sbw_shared->mailer;
+
+	SpinLockAcquire(&m->mutex);
+	strlcpy(m->state, state, sizeof(m->state));
+	SpinLockRelease(&m->mutex);
+}
+
+/* See stats.h. */
+void
+sbw_mailer_note_sent(void)
+{
+	SbwMailerSlot *m = &sbw_shared->mailer;
+
+	SpinLockAcquire(&m->mutex);
+	m->sent++;
+	m->last_sent_at = GetCurrentTimestamp();
+	SpinLockRelease(&m->mutex);
+}
+
+/* See stats.h; the error is kept as the mailer's last one. */
+void
+sbw_mailer_note_unsent(bool failed, const char *error)
+{
+	SbwMailerSlot *m = &sbw_shared->mailer;
+
+	SpinLockAcquire(&m->mutex);
+	if (failed)
+		m->failed++;
+	else
+		m->retried++;
+	strlcpy(m->last_error, error, sizeof(m->last_error));
+	m->last_error_at = GetCurrentTimestamp();
+	SpinLockRelease(&m->mutex);
 }
 
 /* Forget our pid in the slot when the consumer exits, however it exits. */
@@ -439,4 +584,42 @@ sbw_wake_workers(PG_FUNCTION_ARGS)
 		SpinLockRelease(&sbw_shared->slots[i].mutex);
 	}
 	PG_RETURN_INT32(n);
+}
+
+/*
+ * storyboard_worker.mailer_status(): the mailer's process, what it does,
+ * and its counts since the server started.
+ */
+Datum
+sbw_mailer_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	Datum		values[8];
+	bool		nulls[8] = {false};
+	SbwMailerSlot m;
+
+	sbw_require_current_version();
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "mailer_status must return a record");
+	if (sbw_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("storyboard_worker is not loaded through shared_preload_libraries")));
+	SpinLockAcquire(&sbw_shared->mailer.mutex);
+	memcpy(&m, &sbw_shared->mailer, sizeof(m));
+	SpinLockRelease(&sbw_shared->mailer.mutex);
+
+	values[0] = Int32GetDatum(m.pid);
+	nulls[0] = (m.pid == 0);
+	values[1] = CStringGetTextDatum(m.state[0] ? m.state : "stopped");
+	values[2] = Int64GetDatum((int64) m.sent);
+	values[3] = Int64GetDatum((int64) m.failed);
+	values[4] = Int64GetDatum((int64) m.retried);
+	values[5] = TimestampTzGetDatum(m.last_sent_at);
+	nulls[5] = (m.last_sent_at == 0);
+	values[6] = CStringGetTextDatum(m.last_error);
+	nulls[6] = (m.last_error[0] == '\0');
+	values[7] = TimestampTzGetDatum(m.last_error_at);
+	nulls[7] = (m.last_error_at == 0);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
 }

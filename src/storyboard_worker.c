@@ -17,6 +17,9 @@
 
 #include "scope.h"
 #include "storyboard_worker.h"
+#include "guc.h"
+#include "stats.h"
+#include "launcher.h"
 
 PG_MODULE_MAGIC;
 

@@ -1,7 +1,9 @@
 /*-------------------------------------------------------------------------
  *
  * storyboard_worker.h
- *		Declarations shared by the files of storyboard_worker.
+ *		What every file of storyboard_worker shares: names, the version of
+ *		the SQL objects, our SQLSTATEs.  Each module declares the rest in
+ *		its own header (guc.h, stats.h, consumer.h, dispatch.h, ...).
  *
  * Files, one concern each:
  *	storyboard_worker.c	_PG_init: GUCs, shared memory, launcher registration
@@ -12,7 +14,8 @@
  *	event_decode.c		json-c: message body -> SbwEvent
  *	dispatch.c			one event, one transaction, plugins in savepoints
  *	plugins.c			the plugin registry and its cache
- *	stats.c				shared-memory counters, the stats view
+ *	stats.c				shared memory (layouts private to it), the stats view,
+ *						mailer_status()
  *	subscription.c		the built-in "subscription" plugin
  *	acks.c, ledger.c, scope.c, namecache.c, util.c, extension.c	(see their headers)
  *	email.c, render.c	the built-in "email" plugin and its templates
@@ -23,13 +26,6 @@
  */
 #ifndef STORYBOARD_WORKER_H
 #define STORYBOARD_WORKER_H
-
-#include "fmgr.h"
-#include "nodes/pg_list.h"
-#include "port/atomics.h"
-#include "storage/lwlock.h"
-#include "storage/s_lock.h"
-#include "utils/timestamp.h"
 
 #define SBW_EXTENSION_NAME	"storyboard_worker"
 #define SBW_SCHEMA_NAME		"storyboard_worker"
@@ -53,173 +49,5 @@
  * crashed its consumer or failed at COMMIT max_redeliveries times.
  */
 #define ERRCODE_SBW_POISON		MAKE_SQLSTATE('S','B','0','0','2')
-
-/* ---- guc.c ---- */
-extern bool sbw_enable_notifications;
-extern char *sbw_database;
-extern int	sbw_worker_count;
-extern char *sbw_rabbit_host;
-extern int	sbw_rabbit_port;
-extern char *sbw_rabbit_userid;
-extern char *sbw_rabbit_password;
-extern char *sbw_rabbit_virtual_host;
-extern char *sbw_rabbit_exchange_name;
-extern char *sbw_rabbit_event_queue_name;
-extern int	sbw_rabbit_retry_delay;
-extern int	sbw_rabbit_heartbeat;
-extern int	sbw_rabbit_prefetch;
-extern int	sbw_rabbit_queue_type;
-extern bool sbw_rabbit_use_ssl;
-extern char *sbw_rabbit_ssl_ca_file;
-extern char *sbw_rabbit_ssl_cert_file;
-extern char *sbw_rabbit_ssl_key_file;
-extern bool sbw_rabbit_ssl_verify_peer;
-extern int	sbw_max_message_bytes;
-extern int	sbw_max_retries;
-extern int	sbw_max_redeliveries;
-extern int	sbw_batch_size;
-extern int	sbw_ledger_retention;
-extern int	sbw_dead_letter_retention;
-extern int	sbw_failure_log_level;
-extern char *sbw_role;
-extern bool sbw_email_enable;
-extern char *sbw_email_sender;
-extern char *sbw_email_reply_to;
-extern char *sbw_email_default_url;
-extern char *sbw_email_smtp_host;
-extern int	sbw_email_smtp_port;
-extern int	sbw_email_smtp_timeout;
-extern char *sbw_email_smtp_local_hostname;
-extern char *sbw_email_smtp_user;
-extern char *sbw_email_smtp_password;
-extern char *sbw_email_smtp_ssl_certfile;
-extern char *sbw_email_smtp_ssl_keyfile;
-extern char *sbw_email_smtp_ca_file;
-extern int	sbw_email_smtp_tls;
-extern int	sbw_email_max_attempts;
-extern int	sbw_outbox_retention;
-
-/* What a host name (EHLO, Message-IDs) may hold. */
-#define SBW_HOST_NAME_CHARS \
-	"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-"
-
-typedef enum SbwSmtpTls
-{
-	SBW_SMTP_TLS_OFF,
-	SBW_SMTP_TLS_STARTTLS,
-	SBW_SMTP_TLS_IMPLICIT
-} SbwSmtpTls;
-
-typedef enum SbwQueueType
-{
-	SBW_QUEUE_CLASSIC,
-	SBW_QUEUE_QUORUM
-} SbwQueueType;
-
-extern void sbw_define_gucs(void);
-extern void sbw_install_log_redaction(void);
-
-/* ---- stats.c: shared state, one slot per consumer ---- */
-typedef enum SbwWorkerState
-{
-	SBW_STATE_IDLE,
-	SBW_STATE_CONNECTING,
-	SBW_STATE_CONSUMING,
-	SBW_STATE_BACKING_OFF
-} SbwWorkerState;
-
-/*
- * Commit-to-acknowledgement waits, per consumer: a histogram with four
- * buckets per power of two of microseconds (sbw_ack_wait_bucket), so that
- * a percentile read from it is within 25 %.
- */
-#define SBW_ACK_WAIT_BUCKETS	120
-
-typedef struct SbwWorkerSlot
-{
-	slock_t		mutex;
-	int			pid;			/* 0 = slot unused */
-	SbwWorkerState state;
-	char		broker[128];
-	TimestampTz connected_since;
-	uint64		received;
-	uint64		processed;
-	uint64		dead_lettered;
-	uint64		redelivered;
-	uint64		duplicates;		/* redelivered and found in the ledger */
-	char		last_error[256];
-	TimestampTz last_error_at;
-	uint64		acked;			/* deliveries acknowledged */
-	int			acks_pending;	/* committed, not acknowledged yet */
-	uint64		ack_waits[SBW_ACK_WAIT_BUCKETS];
-} SbwWorkerSlot;
-
-/* The mailer's shared state (mailer.c), read by mailer_status(). */
-typedef struct SbwMailerSlot
-{
-	slock_t		mutex;
-	int			pid;			/* 0 = not running */
-	struct Latch *latch;		/* set to wake it (mails queued) */
-	char		state[16];
-	uint64		sent;
-	uint64		failed;
-	uint64		retried;
-	TimestampTz last_sent_at;
-	char		last_error[256];
-	TimestampTz last_error_at;
-} SbwMailerSlot;
-
-typedef struct SbwShared
-{
-	int			launcher_pid;
-	SbwMailerSlot mailer;
-	/* when a consumer last flushed the WAL for its acknowledgements (acks.c) */
-	pg_atomic_uint64 last_ack_flush;
-	SbwWorkerSlot slots[SBW_MAX_WORKERS];
-} SbwShared;
-
-extern SbwShared *sbw_shared;
-extern Size sbw_shmem_size(void);
-extern void sbw_shmem_init(void);
-extern void sbw_slot_attach(int slot);
-
-/*
- * Wake workers when the current transaction commits (not before: they
- * would not see what it wrote): all of them (the launcher, every consumer
- * and the mailer), or only the mailer (mail was queued).
- */
-#define SBW_WAKE_ALL		0x01
-#define SBW_WAKE_MAILER		0x02
-extern void sbw_wake_at_commit(int what);
-extern void sbw_slot_set_state(SbwWorkerState state, const char *broker);
-extern void sbw_slot_count(uint64 received, uint64 processed,
-						   uint64 dead_lettered, uint64 redelivered,
-						   uint64 duplicates);
-extern void sbw_slot_error(const char *msg);
-extern void sbw_slot_acks(uint64 acked, const uint32 *waits, int pending);
-extern int	sbw_ack_wait_bucket(int64 us);
-
-/* ---- launcher.c / consumer.c ---- */
-extern void sbw_register_launcher(void);
-PGDLLEXPORT void sbw_launcher_main(Datum main_arg);
-PGDLLEXPORT void sbw_consumer_main(Datum main_arg);
-
-/* ---- dispatch.c ---- */
-/*
- * A message: its body and the delivery's metadata.  routing_key and
- * message_id are text that PostgreSQL can store (sbw_storable_text);
- * message_id_raw holds the id's bytes as sent, for the ledger key.
- */
-typedef struct SbwMessage
-{
-	const char *routing_key;
-	const char *message_id;		/* NULL when the publisher set none */
-	const char *message_id_raw;
-	size_t		message_id_len;
-	bool		redelivered;
-	const char *body;
-	size_t		body_len;		/* bytes held in body */
-	size_t		body_declared_len;	/* bytes sent: more when cut short */
-} SbwMessage;
 
 #endif							/* STORYBOARD_WORKER_H */
