@@ -393,7 +393,7 @@ def write_messages(conn):
 def plan_param_types(plan_var):
     """The parameter types a prepared statement of src/subscription.c declares."""
     names = {"INT8OID": "bigint", "INT4OID": "integer", "TEXTOID": "text", "BOOLOID": "boolean",
-             "JSONBOID": "jsonb", "TIMESTAMPTZOID": "timestamptz"}
+             "JSONBOID": "jsonb", "TIMESTAMPOID": "timestamp", "TIMESTAMPTZOID": "timestamptz"}
     src = open(os.path.join(ROOT, "src", "subscription.c")).read()
     m = re.search(r"static SbwSubPlan %s = \{[^{]*?(\d+),\s*\{([^}]*)\}" % plan_var, src, re.S)
     if not m:
@@ -482,7 +482,8 @@ def write_pgbench_scripts(captured):
 
     tl_types = plan_param_types("sbw_timeline_plan")
     cm_types = plan_param_types("sbw_comment_plan")
-    tl_exprs = {3: "NULLIF((:p3)::bigint, 0)"}      # worklist_id: NULL for story events
+    # worklist_id: NULL for story events; created_at as the plugin binds it
+    tl_exprs = {3: "NULLIF((:p3)::bigint, 0)", 7: "(now() AT TIME ZONE 'UTC')"}
     timeline = to_pgbench(captured["timeline"]["sql"], tl_types, tl_exprs)
     if CFG["dataset"] == "fixture":
         # test/fixtures/storyboard_bench_data.sql: events 1..N story_created, N+1..2N

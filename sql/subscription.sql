@@ -385,6 +385,21 @@ CREATE TABLE subscription_events (
 SELECT * FROM deliver(timeline_body(1), 'timeline_event');
 SELECT count(*) AS rows, bool_and(abs(extract(epoch FROM now() - created_at)) < 60) AS created_at_is_now
   FROM subscription_events;
+-- Of any other type, it gets the UTC wall-clock time as that type; without
+-- a created_at column, the rows are written without it.
+ALTER TABLE subscription_events ALTER COLUMN created_at TYPE text;
+TRUNCATE subscription_events;
+SET TIME ZONE 'America/New_York';
+SELECT * FROM deliver(timeline_body(1), 'timeline_event');
+SELECT count(*) AS rows,
+	   bool_and(abs(extract(epoch FROM (now() AT TIME ZONE 'UTC') - created_at::timestamp)) < 60) AS created_at_is_utc_now
+  FROM subscription_events;
+RESET TIME ZONE;
+ALTER TABLE subscription_events DROP COLUMN created_at;
+SELECT * FROM deliver(timeline_body(1), 'timeline_event');
+INSERT INTO subscriptions (user_id, target_type, target_id) VALUES (2, 'project_group', 1);
+SELECT * FROM deliver(hook_body('PUT', '/v1/project_groups/1/projects/4', 'project_group', '1', 'project', '4'), 'project_group');
+SELECT subscriber_id, event_type, event_info FROM subscription_events ORDER BY id;
 
 --
 -- 12. Malformed timeline_event messages are dead letters, not crashes.

@@ -23,6 +23,12 @@
  * StoryBoard builds from the comment with Python's json.dumps; that text is
  * built here in C, byte for byte as Python would print it.
  *
+ * Each statement is a constant SQL text below (sbw_timeline_sql,
+ * sbw_comment_sql, sbw_project_group_sql, sbw_deletion_sql) with its
+ * parameters and their types listed above it: it can be copied into PREPARE
+ * and EXPLAIN EXECUTE as it is (README, "The subscription plugin's
+ * statements"), and is logged at DEBUG1 whenever it is prepared.
+ *
  * StoryBoard's tables are found through search_path: nothing here names a
  * schema, and the extension creates none of them.  A missing table is
  * reported by name before anything is prepared.
@@ -54,6 +60,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
@@ -68,6 +75,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/numeric.h"
+#include "utils/timestamp.h"
 
 #include "namecache.h"
 #include "scope.h"
@@ -96,84 +104,85 @@ typedef struct SbwSubEvent
  * with the StoryBoard tables it uses.  Their OIDs, as found through
  * search_path when the plan was prepared, are remembered: if a lookup finds
  * other relations (tables recreated, another search_path), the plan is
- * prepared again, because its text depends on the tables (the created_at
- * expression follows the column's type).  The names are looked up again
- * only after DDL (sbw_catalog_generation() moved) or when the search_path
- * differs, not for every event.
+ * prepared again under a search_path made of those tables' schemas.  The
+ * names are looked up again only after DDL (sbw_catalog_generation() moved)
+ * or when the search_path differs, not for every event.
+ *
+ * The text never changes.  For the statements that write
+ * subscription_events, the type of its created_at column chooses the type
+ * of the created_at parameter (and a table without the column the
+ * sql_no_created_at text), so a change of that column prepares them again
+ * too.
  */
 #define SBW_SUB_MAX_TABLES	24
-#define SBW_SUB_MAX_ARGS	6
+#define SBW_SUB_MAX_ARGS	7
 
 typedef struct SbwSubPlan
 {
 	const char *name;
 	const char *const *tables;	/* NULL-terminated */
-	char	   *(*build_sql) (void);
-	int			nargs;
+	const char *sql;
+	const char *sql_no_created_at;	/* NULL: does not write created_at */
+	int			nargs;			/* created_at, if any, is the last */
 	Oid			argtypes[SBW_SUB_MAX_ARGS];
 	SPIPlanPtr	plan;
 	Oid			relids[SBW_SUB_MAX_TABLES];
-	const char *created_at;		/* sbw_created_at_expr() when prepared */
+	Oid			created_at_type;	/* sbw_created_at_type() when prepared */
 	SbwNameCache names;			/* when to look the tables up again */
 	char	   *exec_path;		/* search_path the plan runs under */
 } SbwSubPlan;
 
 /*
- * The story-visibility rule of StoryBoard's filter_private_stories(): a
- * user may see a private story if a permission attached to it (any
- * codename) is granted to the user directly (user_permissions) or to a team
- * the user belongs to (team_permissions, team_membership).  Spelled out as
- * SQL where it is needed, with the story and user expressions pasted in.
- */
-#define SBW_STORY_VIEWER(story, usr) \
-	"(EXISTS (SELECT 1 FROM story_permissions sp" \
-	"           JOIN permissions p ON p.id = sp.permission_id" \
-	"           JOIN user_permissions up ON up.permission_id = p.id" \
-	"          WHERE sp.story_id = " story " AND up.user_id = " usr ")" \
-	" OR EXISTS (SELECT 1 FROM story_permissions sp" \
-	"           JOIN permissions p ON p.id = sp.permission_id" \
-	"           JOIN team_permissions tp ON tp.permission_id = p.id" \
-	"           JOIN teams tm ON tm.id = tp.team_id" \
-	"           JOIN team_membership ms ON ms.team_id = tm.id" \
-	"          WHERE sp.story_id = " story " AND ms.user_id = " usr "))"
-
-/*
- * filter_private_worklists() and filter_private_boards() only look at
- * user_permissions: StoryBoard grants worklist and board permissions to
- * users, never to teams.
- */
-#define SBW_WORKLIST_USER(worklist, usr) \
-	"EXISTS (SELECT 1 FROM worklist_permissions wp" \
-	"          JOIN permissions p ON p.id = wp.permission_id" \
-	"          JOIN user_permissions up ON up.permission_id = p.id" \
-	"         WHERE wp.worklist_id = " worklist " AND up.user_id = " usr ")"
-
-#define SBW_BOARD_USER(board, usr) \
-	"EXISTS (SELECT 1 FROM board_permissions bp" \
-	"          JOIN permissions p ON p.id = bp.permission_id" \
-	"          JOIN user_permissions up ON up.permission_id = p.id" \
-	"         WHERE bp.board_id = " board " AND up.user_id = " usr ")"
-
-/*
- * Timeline events: $1 events.id, $2 story_id, $3 worklist_id, $4 event_type,
- * $5 event_info (all from the message's resource_after, as StoryBoard
- * reads them; event_info already resolved for user_comment), $6 the
- * message's author_id.  Returns one row: whether the events row is visible
- * to this transaction, and how many rows were inserted.
+ * The timeline_event statement, up to the rows to insert ("notify").  The
+ * INSERT follows it in sbw_timeline_sql, the one text to read; the other
+ * text differs only for a subscription_events table without created_at.
  *
- * recipients: the story branch is subscription_get_all_subscriber_ids
- * ('story', $2): subscribers of the story, of its tasks, of those tasks'
- * projects and of those projects' groups; if the story is private, only
- * users who may see it.  Differs from StoryBoard, whose whitelist is the
- * users of story.permissions[0] only (no team members, and IndexError when
- * the story has no permission), and which raises when the story row is
- * missing (here: nobody).  The worklist branch is the worklist's
- * subscribers.  Both branches run when both ids are set, and a user in both
- * gets two rows, as with StoryBoard's two handle_timeline_events() calls.
+ * Parameters (as PREPARE would declare them):
+ *	$1 bigint		events.id: resource_after.id, else the message's
+ *					resource_id
+ *	$2 bigint		resource_after.story_id, NULL if none
+ *	$3 bigint		resource_after.worklist_id, NULL if none
+ *	$4 text			resource_after.event_type
+ *	$5 text			event_info: resource_after.event_info, or for
+ *					user_comment the JSON built by sbw_comment_event_info()
+ *	$6 bigint		the message's author_id, NULL if none
+ *	$7 timestamp	created_at: the transaction's start as UTC wall-clock
+ *					time, i.e. now() AT TIME ZONE 'UTC'; of type timestamptz,
+ *					and now(), when subscription_events.created_at is
+ *					timestamptz
+ * It returns one row: events_rows, 1 if the events row is visible to this
+ * transaction and 0 if not, and inserted, the number of subscription_events
+ * rows written.  README, "The subscription plugin's statements", says how
+ * to PREPARE and EXPLAIN it.
  *
- * author_id is the author's users row id, NULL when there is none.  Differs
- * from StoryBoard, where author.id raises for an unknown author.
+ * What each part reproduces of StoryBoard:
  *
+ * story_viewers, worklist_viewers, board_viewers: who may see a private
+ * story, worklist or board (filter_private_stories() and friends).  A
+ * permission attached to the story (any codename) granted to the user
+ * directly (user_permissions) or to a team the user belongs to
+ * (team_permissions, team_membership); worklists and boards look at
+ * user_permissions only, as StoryBoard grants them to users, never to
+ * teams.  NOT MATERIALIZED: each use below is planned as its own indexed
+ * lookup for one (object, user) pair.
+ *
+ * story_targets, story_subscribers: subscription_get_all_subscriber_ids
+ * ('story', $2), section 5.2: subscribers of the story, of its tasks, of
+ * those tasks' projects and of those projects' groups; if the story is
+ * private, only users who may see it.  Differs from StoryBoard, whose
+ * whitelist is the users of story.permissions[0] only (no team members, and
+ * IndexError when the story has no permission), and which raises when the
+ * story row is missing (here: nobody).  target_type is compared as text:
+ * StoryBoard's migrations make it a PostgreSQL enum, which may lack
+ * 'worklist' on an old schema, and a text comparison works for enum,
+ * varchar and text columns alike.
+ *
+ * recipients: the story's subscribers, and the worklist's.  Both branches
+ * run when both ids are set, and a user in both gets two rows, as with
+ * StoryBoard's two handle_timeline_events() calls.
+ *
+ * notify: author_id is the author's users row id, NULL when there is none
+ * (differs from StoryBoard, where author.id raises for an unknown author).
  * Then, per recipient, what handle_timeline_events() checks:
  *	- the users row exists (differs from StoryBoard, which raises for a
  *	  subscription whose user_id names no user, losing the whole event);
@@ -182,11 +191,193 @@ typedef struct SbwSubPlan
  *	  (UserPreference.cast_value: type 'bool' gives a Python bool, never
  *	  equal to 'true'; 'int' and 'float' fail to cast 'true' and give the
  *	  raw value back; the newest row wins if a key is duplicated);
- *	- events_api.event_get(id, current_user): the story, worklist and board
- *	  filters applied to the events row;
+ *	- events_api.event_get(id, current_user): the story, worklist (lists,
+ *	  then lanes: hide_lanes=False) and board filters applied to the events
+ *	  row;
  *	- events_api.is_visible(): for worklist_contents events, the story or
- *	  task the change is about must be visible too.
+ *	  task the change is about (item: updated.old, else removed, else added)
+ *	  must be visible too.
  */
+#define SBW_TIMELINE_NOTIFY \
+"WITH ev AS MATERIALIZED (\n" \
+"  SELECT e.id, e.story_id, e.worklist_id, e.board_id,\n" \
+"         CASE WHEN strpos(e.event_type::text, 'worklist_contents') > 0\n" \
+"              THEN e.event_info::jsonb END AS contents\n" \
+"    FROM events e\n" \
+"   WHERE e.id = $1\n" \
+"),\n" \
+"item AS MATERIALIZED (\n" \
+"  SELECT x.info->>'item_type' AS item_type, (x.info->>'item_id')::bigint AS item_id\n" \
+"    FROM ev, LATERAL (SELECT CASE\n" \
+"      WHEN nullif(ev.contents->'updated', 'null') IS NOT NULL THEN ev.contents->'updated'->'old'\n" \
+"      WHEN nullif(ev.contents->'removed', 'null') IS NOT NULL THEN ev.contents->'removed'\n" \
+"      ELSE nullif(ev.contents->'added', 'null') END AS info) x\n" \
+"),\n" \
+"story_viewers (story_id, user_id) AS NOT MATERIALIZED (\n" \
+"  SELECT sp.story_id, up.user_id\n" \
+"    FROM story_permissions sp\n" \
+"    JOIN permissions p ON p.id = sp.permission_id\n" \
+"    JOIN user_permissions up ON up.permission_id = p.id\n" \
+"  UNION ALL\n" \
+"  SELECT sp.story_id, ms.user_id\n" \
+"    FROM story_permissions sp\n" \
+"    JOIN permissions p ON p.id = sp.permission_id\n" \
+"    JOIN team_permissions tp ON tp.permission_id = p.id\n" \
+"    JOIN teams tm ON tm.id = tp.team_id\n" \
+"    JOIN team_membership ms ON ms.team_id = tm.id\n" \
+"),\n" \
+"worklist_viewers (worklist_id, user_id) AS NOT MATERIALIZED (\n" \
+"  SELECT wp.worklist_id, up.user_id\n" \
+"    FROM worklist_permissions wp\n" \
+"    JOIN permissions p ON p.id = wp.permission_id\n" \
+"    JOIN user_permissions up ON up.permission_id = p.id\n" \
+"),\n" \
+"board_viewers (board_id, user_id) AS NOT MATERIALIZED (\n" \
+"  SELECT bp.board_id, up.user_id\n" \
+"    FROM board_permissions bp\n" \
+"    JOIN permissions p ON p.id = bp.permission_id\n" \
+"    JOIN user_permissions up ON up.permission_id = p.id\n" \
+"),\n" \
+"story_targets (target_type, target_id) AS (\n" \
+"  SELECT 'story'::text, $2\n" \
+"  UNION ALL\n" \
+"  SELECT 'task', t.id FROM tasks t WHERE t.story_id = $2\n" \
+"  UNION ALL\n" \
+"  SELECT DISTINCT 'project', t.project_id FROM tasks t\n" \
+"   WHERE t.story_id = $2 AND t.project_id IS NOT NULL\n" \
+"  UNION ALL\n" \
+"  SELECT DISTINCT 'project_group', m.project_group_id\n" \
+"    FROM project_group_mapping m\n" \
+"   WHERE m.project_id IN (SELECT t.project_id FROM tasks t WHERE t.story_id = $2)\n" \
+"),\n" \
+"story_subscribers AS (\n" \
+"  SELECT DISTINCT sub.user_id\n" \
+"    FROM stories s\n" \
+"    CROSS JOIN story_targets tg\n" \
+"    JOIN subscriptions sub\n" \
+"      ON sub.target_id = tg.target_id AND sub.target_type::text = tg.target_type\n" \
+"   WHERE s.id = $2\n" \
+"     AND (s.private IS NOT TRUE\n" \
+"          OR EXISTS (SELECT 1 FROM story_viewers v\n" \
+"                      WHERE v.story_id = s.id AND v.user_id = sub.user_id))\n" \
+"),\n" \
+"recipients AS (\n" \
+"  SELECT user_id FROM story_subscribers\n" \
+"  UNION ALL\n" \
+"  (SELECT DISTINCT sub.user_id FROM subscriptions sub\n" \
+"    WHERE $3 IS NOT NULL AND sub.target_type::text = 'worklist'\n" \
+"      AND sub.target_id = $3)\n" \
+"),\n" \
+"notify AS (\n" \
+"  SELECT (SELECT a.id FROM users a WHERE a.id = $6) AS author_id,\n" \
+"         u.id AS subscriber_id, $4 AS event_type, $5 AS event_info\n" \
+"    FROM recipients r\n" \
+"    JOIN users u ON u.id = r.user_id\n" \
+"    CROSS JOIN ev\n" \
+"    CROSS JOIN item\n" \
+"    LEFT JOIN stories es ON es.id = ev.story_id\n" \
+"    LEFT JOIN worklists ew ON ew.id = ev.worklist_id\n" \
+"    LEFT JOIN boards eb ON eb.id = ev.board_id\n" \
+"   WHERE ($3 IS NULL OR\n" \
+"          (SELECT pr.value = 'true' AND pr.type::text <> 'bool'\n" \
+"             FROM user_preferences pr\n" \
+"            WHERE pr.user_id = u.id AND pr.key = 'receive_notifications_worklists'\n" \
+"            ORDER BY pr.id DESC LIMIT 1))\n" \
+"     AND (es.id IS NULL OR es.private = false\n" \
+"          OR (es.private = true AND EXISTS (SELECT 1 FROM story_viewers v\n" \
+"                                             WHERE v.story_id = es.id AND v.user_id = u.id)))\n" \
+"     AND (((NOT EXISTS (SELECT 1 FROM board_worklists bw WHERE bw.list_id = ew.id)\n" \
+"            OR EXISTS (SELECT 1 FROM board_worklists bw\n" \
+"                        WHERE bw.list_id = ew.id AND bw.board_id IS NULL))\n" \
+"           AND (ew.id IS NULL OR ew.private = false\n" \
+"                OR (ew.private = true AND EXISTS (SELECT 1 FROM worklist_viewers v\n" \
+"                                                   WHERE v.worklist_id = ew.id AND v.user_id = u.id))))\n" \
+"          OR EXISTS (SELECT 1 FROM board_worklists bw\n" \
+"                       JOIN boards b ON b.id = bw.board_id\n" \
+"                      WHERE bw.list_id = ew.id\n" \
+"                        AND (b.private = false\n" \
+"                             OR (b.private = true AND EXISTS (SELECT 1 FROM board_viewers v\n" \
+"                                                               WHERE v.board_id = b.id AND v.user_id = u.id)))))\n" \
+"     AND (eb.id IS NULL OR eb.private = false\n" \
+"          OR (eb.private = true AND EXISTS (SELECT 1 FROM board_viewers v\n" \
+"                                             WHERE v.board_id = eb.id AND v.user_id = u.id)))\n" \
+"     AND (item.item_type IS DISTINCT FROM 'story'\n" \
+"          OR EXISTS (SELECT 1 FROM stories s2\n" \
+"                      WHERE s2.id = item.item_id\n" \
+"                        AND (s2.private = false\n" \
+"                             OR (s2.private = true AND EXISTS (SELECT 1 FROM story_viewers v\n" \
+"                                                                WHERE v.story_id = s2.id AND v.user_id = u.id)))))\n" \
+"     AND (item.item_type IS DISTINCT FROM 'task'\n" \
+"          OR EXISTS (SELECT 1 FROM tasks t2 LEFT JOIN stories s3 ON s3.id = t2.story_id\n" \
+"                      WHERE t2.id = item.item_id\n" \
+"                        AND (s3.id IS NULL OR s3.private = false\n" \
+"                             OR (s3.private = true AND EXISTS (SELECT 1 FROM story_viewers v\n" \
+"                                                                WHERE v.story_id = s3.id AND v.user_id = u.id)))))\n" \
+"),\n"
+
+static const char sbw_timeline_sql[] = SBW_TIMELINE_NOTIFY
+"ins AS (\n"
+"  INSERT INTO subscription_events (author_id, subscriber_id, event_type, event_info, created_at)\n"
+"  SELECT author_id, subscriber_id, event_type, event_info, $7 FROM notify\n"
+"  RETURNING 1\n"
+")\n"
+"SELECT (SELECT count(*) FROM ev) AS events_rows, (SELECT count(*) FROM ins) AS inserted";
+
+static const char sbw_timeline_sql_no_created_at[] = SBW_TIMELINE_NOTIFY
+"ins AS (\n"
+"  INSERT INTO subscription_events (author_id, subscriber_id, event_type, event_info)\n"
+"  SELECT author_id, subscriber_id, event_type, event_info FROM notify\n"
+"  RETURNING 1\n"
+")\n"
+"SELECT (SELECT count(*) FROM ev) AS events_rows, (SELECT count(*) FROM ins) AS inserted";
+
+/*
+ * resolve_comments() for a user_comment event, and whether the events row
+ * is visible, read under one snapshot.  $1 bigint events.id, $2 bigint the
+ * comment id (resource_after.comment_id).  StoryBoard takes the story from
+ * the first events row that names the comment (first by id here) and
+ * returns None if the comment, that row or the story is missing.
+ */
+static const char sbw_comment_sql[] =
+"SELECT EXISTS (SELECT 1 FROM events WHERE id = $1) AS events_row,\n"
+"       c.id::text, c.content::text, s.id::text, s.title::text\n"
+"  FROM (VALUES (1)) AS one (x)\n"
+"  LEFT JOIN comments c ON c.id = $2\n"
+"  LEFT JOIN LATERAL (SELECT e.story_id FROM events e\n"
+"                      WHERE e.comment_id = c.id\n"
+"                      ORDER BY e.id LIMIT 1) first_event ON true\n"
+"  LEFT JOIN stories s ON s.id = first_event.story_id";
+
+/*
+ * handle_resources(): every subscriber of the project group gets the event.
+ * No expansion, no visibility rule, no preference.  As for timeline events,
+ * author_id is NULL for an unknown author and subscriptions naming no users
+ * row are skipped (both differ from StoryBoard).  $1 bigint the group's id,
+ * $2 text event_type, $3 text event_info, $4 bigint the message's
+ * author_id, $5 timestamp created_at (as $7 of sbw_timeline_sql).
+ */
+static const char sbw_project_group_sql[] =
+"INSERT INTO subscription_events (author_id, subscriber_id, event_type, event_info, created_at)\n"
+"SELECT (SELECT a.id FROM users a WHERE a.id = $4), u.id, $2, $3, $5\n"
+"  FROM (SELECT DISTINCT sub.user_id FROM subscriptions sub\n"
+"         WHERE sub.target_type::text = 'project_group' AND sub.target_id = $1) s\n"
+"  JOIN users u ON u.id = s.user_id";
+
+static const char sbw_project_group_sql_no_created_at[] =
+"INSERT INTO subscription_events (author_id, subscriber_id, event_type, event_info)\n"
+"SELECT (SELECT a.id FROM users a WHERE a.id = $4), u.id, $2, $3\n"
+"  FROM (SELECT DISTINCT sub.user_id FROM subscriptions sub\n"
+"         WHERE sub.target_type::text = 'project_group' AND sub.target_id = $1) s\n"
+"  JOIN users u ON u.id = s.user_id";
+
+/*
+ * handle_deletions(), with an exact target_type: $1 text the resource
+ * ('story', 'task', ...), $2 bigint its id.  Differs from StoryBoard, which
+ * matches target_type LIKE '%<resource minus its last letter>%'.
+ */
+static const char sbw_deletion_sql[] =
+"DELETE FROM subscriptions WHERE target_type::text = $1 AND target_id = $2";
+
 static const char *const sbw_timeline_tables[] = {
 	"events", "stories", "tasks", "project_group_mapping", "subscriptions",
 	"permissions", "story_permissions", "user_permissions",
@@ -208,40 +399,40 @@ static const char *const sbw_deletion_tables[] = {
 	"subscriptions", NULL
 };
 
-static char *sbw_build_timeline_sql(void);
-static char *sbw_build_comment_sql(void);
-static char *sbw_build_project_group_sql(void);
-static char *sbw_build_deletion_sql(void);
-static void sbw_prepare(SbwSubPlan *sp, const Oid *relids, int n, char *path);
+static void sbw_prepare(SbwSubPlan *sp, const Oid *relids, int n, char *path,
+						Oid created_at_type);
 
 static SbwSubPlan sbw_timeline_plan = {
-	"timeline_event", sbw_timeline_tables, sbw_build_timeline_sql,
-	6, {INT8OID, INT8OID, INT8OID, TEXTOID, TEXTOID, INT8OID}
+	"timeline_event", sbw_timeline_tables,
+	sbw_timeline_sql, sbw_timeline_sql_no_created_at,
+	7, {INT8OID, INT8OID, INT8OID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPOID}
 };
 static SbwSubPlan sbw_comment_plan = {
-	"user_comment", sbw_comment_tables, sbw_build_comment_sql,
+	"user_comment", sbw_comment_tables, sbw_comment_sql, NULL,
 	2, {INT8OID, INT8OID}
 };
 static SbwSubPlan sbw_project_group_plan = {
-	"project_group", sbw_project_group_tables, sbw_build_project_group_sql,
-	4, {INT8OID, TEXTOID, TEXTOID, INT8OID}
+	"project_group", sbw_project_group_tables,
+	sbw_project_group_sql, sbw_project_group_sql_no_created_at,
+	5, {INT8OID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPOID}
 };
 static SbwSubPlan sbw_deletion_plan = {
-	"deletion", sbw_deletion_tables, sbw_build_deletion_sql,
+	"deletion", sbw_deletion_tables, sbw_deletion_sql, NULL,
 	2, {TEXTOID, INT8OID}
 };
 
 
 /*
- * The value for subscription_events.created_at.  StoryBoard stores naive
- * UTC datetimes (UTCDateTime over DATETIME); the fixture port uses
- * timestamp without time zone for them.  A deployment may have chosen
- * timestamptz instead, so look at the column: now() for timestamptz, the
- * UTC wall-clock time for anything else.  NULL when there is no created_at
- * column at all (then it is left out of the INSERT).
+ * The type of the created_at parameter.  StoryBoard stores naive UTC
+ * datetimes (UTCDateTime over DATETIME); the fixture port uses timestamp
+ * without time zone for them.  A deployment may have chosen timestamptz
+ * instead, so look at the column: timestamptz (bound to now()) for
+ * timestamptz, timestamp (the UTC wall-clock time, converted to the column's
+ * type as any INSERT would) for anything else.  InvalidOid when there is no
+ * created_at column at all (then it is left out of the INSERT).
  */
-static const char *
-sbw_created_at_expr(void)
+static Oid
+sbw_created_at_type(void)
 {
 	Oid			relid;
 	AttrNumber	attnum;
@@ -249,202 +440,25 @@ sbw_created_at_expr(void)
 	relid = RangeVarGetRelid(makeRangeVar(NULL, "subscription_events", -1),
 							 NoLock, true);
 	if (!OidIsValid(relid))
-		return NULL;
+		return InvalidOid;
 	attnum = get_attnum(relid, "created_at");
 	if (attnum == InvalidAttrNumber)
-		return NULL;
+		return InvalidOid;
 	if (get_atttype(relid, attnum) == TIMESTAMPTZOID)
-		return "now()";
-	return "(now() AT TIME ZONE 'UTC')";
+		return TIMESTAMPTZOID;
+	return TIMESTAMPOID;
 }
 
 /*
- * The INSERT's column list and the matching select-list head, so that every
- * statement writing subscription_events agrees on created_at.
+ * The created_at value: the transaction's start, which is now() as a
+ * timestamptz and, since both count microseconds since 2000-01-01 00:00
+ * UTC, now() AT TIME ZONE 'UTC' as a timestamp: the same Datum serves both
+ * parameter types.
  */
-static void
-sbw_insert_head(StringInfo buf, const char *author, const char *subscriber,
-				const char *event_type, const char *event_info)
+static Datum
+sbw_created_at_value(void)
 {
-	const char *created_at = sbw_created_at_expr();
-
-	if (created_at)
-		appendStringInfo(buf,
-						 "INSERT INTO subscription_events"
-						 " (author_id, subscriber_id, event_type, event_info, created_at)"
-						 " SELECT %s, %s, %s, %s, %s",
-						 author, subscriber, event_type, event_info, created_at);
-	else
-		appendStringInfo(buf,
-						 "INSERT INTO subscription_events"
-						 " (author_id, subscriber_id, event_type, event_info)"
-						 " SELECT %s, %s, %s, %s",
-						 author, subscriber, event_type, event_info);
-}
-
-/*
- * Build the timeline_event statement (see the comment above
- * sbw_timeline_tables for what each part reproduces).  target_type is
- * compared as text: StoryBoard's migrations make it a PostgreSQL enum,
- * which may lack 'worklist' on an old schema, and a text comparison works
- * for enum, varchar and text columns alike.
- */
-static char *
-sbw_build_timeline_sql(void)
-{
-	StringInfoData buf;
-
-	initStringInfo(&buf);
-	appendStringInfoString(&buf,
-						   "WITH ev AS MATERIALIZED ("
-						   "  SELECT e.id, e.story_id, e.worklist_id, e.board_id,"
-						   "         CASE WHEN strpos(e.event_type::text, 'worklist_contents') > 0"
-						   "              THEN e.event_info::jsonb END AS contents"
-						   "    FROM events e"
-						   "   WHERE e.id = $1"
-						   "),"
-	/* is_visible(): updated.old, else removed, else added */
-						   " item AS MATERIALIZED ("
-						   "  SELECT x.info->>'item_type' AS item_type,"
-						   "         (x.info->>'item_id')::bigint AS item_id"
-						   "    FROM ev, LATERAL (SELECT CASE"
-						   "      WHEN nullif(ev.contents->'updated', 'null') IS NOT NULL"
-						   "        THEN ev.contents->'updated'->'old'"
-						   "      WHEN nullif(ev.contents->'removed', 'null') IS NOT NULL"
-						   "        THEN ev.contents->'removed'"
-						   "      ELSE nullif(ev.contents->'added', 'null') END AS info) x"
-						   "),"
-	/* section 5.2 for ('story', $2) */
-						   " story_targets (target_type, target_id) AS ("
-						   "  SELECT 'story'::text, $2"
-						   "  UNION ALL"
-						   "  SELECT 'task', t.id FROM tasks t WHERE t.story_id = $2"
-						   "  UNION ALL"
-						   "  SELECT DISTINCT 'project', t.project_id FROM tasks t"
-						   "   WHERE t.story_id = $2 AND t.project_id IS NOT NULL"
-						   "  UNION ALL"
-						   "  SELECT DISTINCT 'project_group', m.project_group_id"
-						   "    FROM project_group_mapping m"
-						   "   WHERE m.project_id IN (SELECT t.project_id FROM tasks t WHERE t.story_id = $2)"
-						   "),"
-						   " story_subscribers AS ("
-						   "  SELECT DISTINCT sub.user_id"
-						   "    FROM stories s"
-						   "    CROSS JOIN story_targets tg"
-						   "    JOIN subscriptions sub"
-						   "      ON sub.target_id = tg.target_id AND sub.target_type::text = tg.target_type"
-						   "   WHERE s.id = $2"
-						   "     AND (s.private IS NOT TRUE OR "
-						   SBW_STORY_VIEWER("s.id", "sub.user_id") ")"
-						   "),"
-						   " recipients AS ("
-						   "  SELECT user_id FROM story_subscribers"
-						   "  UNION ALL"
-						   "  (SELECT DISTINCT sub.user_id FROM subscriptions sub"
-						   "    WHERE $3 IS NOT NULL AND sub.target_type::text = 'worklist'"
-						   "      AND sub.target_id = $3)"
-						   "),"
-						   " ins AS (");
-	sbw_insert_head(&buf, "(SELECT a.id FROM users a WHERE a.id = $6)",
-					"u.id", "$4", "$5");
-	appendStringInfoString(&buf,
-						   "    FROM recipients r"
-						   "    JOIN users u ON u.id = r.user_id"
-						   "    CROSS JOIN ev"
-						   "    CROSS JOIN item"
-						   "    LEFT JOIN stories es ON es.id = ev.story_id"
-						   "    LEFT JOIN worklists ew ON ew.id = ev.worklist_id"
-						   "    LEFT JOIN boards eb ON eb.id = ev.board_id"
-						   "   WHERE ($3 IS NULL OR"
-						   "          (SELECT pr.value = 'true' AND pr.type::text <> 'bool'"
-						   "             FROM user_preferences pr"
-						   "            WHERE pr.user_id = u.id AND pr.key = 'receive_notifications_worklists'"
-						   "            ORDER BY pr.id DESC LIMIT 1))"
-	/* filter_private_stories */
-						   "     AND (es.id IS NULL OR es.private = false OR (es.private = true AND "
-						   SBW_STORY_VIEWER("es.id", "u.id") "))"
-	/* filter_private_worklists(hide_lanes=False): lists, then lanes */
-						   "     AND (((NOT EXISTS (SELECT 1 FROM board_worklists bw WHERE bw.list_id = ew.id)"
-						   "            OR EXISTS (SELECT 1 FROM board_worklists bw"
-						   "                        WHERE bw.list_id = ew.id AND bw.board_id IS NULL))"
-						   "           AND (ew.id IS NULL OR ew.private = false OR (ew.private = true AND "
-						   SBW_WORKLIST_USER("ew.id", "u.id") ")))"
-						   "          OR EXISTS (SELECT 1 FROM board_worklists bw"
-						   "                       JOIN boards b ON b.id = bw.board_id"
-						   "                      WHERE bw.list_id = ew.id"
-						   "                        AND (b.private = false OR (b.private = true AND "
-						   SBW_BOARD_USER("b.id", "u.id") "))))"
-	/* filter_private_boards */
-						   "     AND (eb.id IS NULL OR eb.private = false OR (eb.private = true AND "
-						   SBW_BOARD_USER("eb.id", "u.id") "))"
-	/* is_visible(): the story or task a worklist_contents change is about */
-						   "     AND (item.item_type IS DISTINCT FROM 'story' OR EXISTS ("
-						   "          SELECT 1 FROM stories s2 WHERE s2.id = item.item_id"
-						   "             AND (s2.private = false OR (s2.private = true AND "
-						   SBW_STORY_VIEWER("s2.id", "u.id") "))))"
-						   "     AND (item.item_type IS DISTINCT FROM 'task' OR EXISTS ("
-						   "          SELECT 1 FROM tasks t2 LEFT JOIN stories s3 ON s3.id = t2.story_id"
-						   "           WHERE t2.id = item.item_id"
-						   "             AND (s3.id IS NULL OR s3.private = false OR (s3.private = true AND "
-						   SBW_STORY_VIEWER("s3.id", "u.id") "))))"
-						   "  RETURNING 1"
-						   ")"
-						   " SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM ins)");
-	return buf.data;
-}
-
-/*
- * resolve_comments() for a user_comment event, and whether the events row
- * is visible, read under one snapshot.  $1 events.id, $2 the comment id.
- * StoryBoard takes the story from the first events row that names the
- * comment (first by id here) and returns None if the comment, that row or
- * the story is missing.
- */
-static char *
-sbw_build_comment_sql(void)
-{
-	return pstrdup("SELECT EXISTS (SELECT 1 FROM events WHERE id = $1),"
-				   "       c.id::text, c.content::text, s.id::text, s.title::text"
-				   "  FROM (VALUES (1)) AS one (x)"
-				   "  LEFT JOIN comments c ON c.id = $2"
-				   "  LEFT JOIN LATERAL (SELECT e.story_id FROM events e"
-				   "                      WHERE e.comment_id = c.id"
-				   "                      ORDER BY e.id LIMIT 1) first_event ON true"
-				   "  LEFT JOIN stories s ON s.id = first_event.story_id");
-}
-
-/*
- * handle_resources(): every subscriber of the project group ($1) gets the
- * event ($2, $3).  No expansion, no visibility rule, no preference.  As for
- * timeline events, author_id ($4) is NULL for an unknown author and
- * subscriptions naming no users row are skipped (both differ from
- * StoryBoard).
- */
-static char *
-sbw_build_project_group_sql(void)
-{
-	StringInfoData buf;
-
-	initStringInfo(&buf);
-	sbw_insert_head(&buf, "(SELECT a.id FROM users a WHERE a.id = $4)",
-					"u.id", "$2", "$3");
-	appendStringInfoString(&buf,
-						   "    FROM (SELECT DISTINCT sub.user_id FROM subscriptions sub"
-						   "           WHERE sub.target_type::text = 'project_group'"
-						   "             AND sub.target_id = $1) s"
-						   "    JOIN users u ON u.id = s.user_id");
-	return buf.data;
-}
-
-/*
- * handle_deletions(), with an exact target_type.  Differs from StoryBoard,
- * which matches target_type LIKE '%<resource minus its last letter>%'.
- */
-static char *
-sbw_build_deletion_sql(void)
-{
-	return pstrdup("DELETE FROM subscriptions"
-				   " WHERE target_type::text = $1 AND target_id = $2");
+	return TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 }
 
 /*
@@ -459,6 +473,7 @@ sbw_get_plan(SbwSubPlan *sp)
 	Oid			relids[SBW_SUB_MAX_TABLES];
 	bool		same;
 	char	   *path;
+	Oid			created_at_type;
 	int			i;
 
 	if (sp->plan != NULL && !sbw_name_cache_stale(&sp->names))
@@ -484,8 +499,9 @@ sbw_get_plan(SbwSubPlan *sp)
 			same = false;
 	}
 
-	/* The INSERTs' text depends on the type of created_at, too. */
-	if (sbw_created_at_expr() != sp->created_at)
+	/* The INSERTs' parameters depend on the type of created_at, too */
+	created_at_type = sp->sql_no_created_at ? sbw_created_at_type() : InvalidOid;
+	if (created_at_type != sp->created_at_type)
 		same = false;
 	/* and the plan's own search_path on the tables' schemas (SET SCHEMA) */
 	path = sbw_tables_search_path(relids, i);
@@ -493,7 +509,7 @@ sbw_get_plan(SbwSubPlan *sp)
 		same = false;
 
 	if (!same)
-		sbw_prepare(sp, relids, i, path);
+		sbw_prepare(sp, relids, i, path, created_at_type);
 	else
 		pfree(path);
 	return sp->plan;
@@ -501,11 +517,14 @@ sbw_get_plan(SbwSubPlan *sp)
 
 /*
  * Prepare (again) a plan for the tables found, under its own search_path.
+ * The statement's text, parameter types and search_path are logged at
+ * DEBUG1, so that what runs can be read, and EXPLAINed, as it is.
  */
 static void
-sbw_prepare(SbwSubPlan *sp, const Oid *relids, int n, char *path)
+sbw_prepare(SbwSubPlan *sp, const Oid *relids, int n, char *path,
+			Oid created_at_type)
 {
-	char	   *sql;
+	const char *sql = sp->sql;
 	SPIPlanPtr	plan;
 	int			nestlevel;
 
@@ -517,7 +536,16 @@ sbw_prepare(SbwSubPlan *sp, const Oid *relids, int n, char *path)
 	if (sp->exec_path)
 		pfree(sp->exec_path);
 	sp->exec_path = path;
-	sql = sp->build_sql();
+	if (sp->sql_no_created_at != NULL)
+	{
+		if (OidIsValid(created_at_type))
+			sp->argtypes[sp->nargs - 1] = created_at_type;
+		else
+			sql = sp->sql_no_created_at;
+	}
+	elog(DEBUG1, "subscription plugin: preparing the %s statement, created_at %s, under search_path %s:\n%s",
+		 sp->name, OidIsValid(created_at_type) ? format_type_be(created_at_type) : "not written",
+		 sp->exec_path, sql);
 
 	/*
 	 * A generic plan from the start: the statements are selective on every
@@ -536,8 +564,7 @@ sbw_prepare(SbwSubPlan *sp, const Oid *relids, int n, char *path)
 			 sp->name);
 	sp->plan = plan;
 	memcpy(sp->relids, relids, sizeof(Oid) * n);
-	sp->created_at = sbw_created_at_expr();
-	pfree(sql);
+	sp->created_at_type = created_at_type;
 }
 
 /* Run a kept plan; NULL values come from the nulls array (' ' or 'n'). */
@@ -820,8 +847,8 @@ sbw_handle_timeline_event(SbwSubEvent *ev)
 	bool		has_comment;
 	char	   *event_type;
 	char	   *event_info;
-	Datum		values[6];
-	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	Datum		values[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	bool		isnull;
 	int64		found;
 	int64		inserted;
@@ -879,6 +906,7 @@ sbw_handle_timeline_event(SbwSubEvent *ev)
 	values[5] = Int64GetDatum(ev->author_id);
 	if (!ev->has_author_id)
 		nulls[5] = 'n';
+	values[6] = sbw_created_at_value();
 
 	sbw_execute(&sbw_timeline_plan, values, nulls, SPI_OK_SELECT);
 	if (SPI_processed != 1)
@@ -909,8 +937,8 @@ sbw_handle_project_group(SbwSubEvent *ev)
 	const char *event_type;
 	StringInfoData info;
 	char		idbuf[32];
-	Datum		values[4];
-	char		nulls[4] = {' ', ' ', ' ', ' '};
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
 
 	if (ev->has_sub_resource_id)
 		event_type = is_delete ? "project removed from project_group"
@@ -942,6 +970,7 @@ sbw_handle_project_group(SbwSubEvent *ev)
 	values[3] = Int64GetDatum(ev->author_id);
 	if (!ev->has_author_id)
 		nulls[3] = 'n';
+	values[4] = sbw_created_at_value();
 
 	sbw_execute(&sbw_project_group_plan, values, nulls, SPI_OK_INSERT);
 	elog(DEBUG1, "subscription: %s: " UINT64_FORMAT " subscription_events",
