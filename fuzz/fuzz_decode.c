@@ -7,7 +7,7 @@
  * checks the decoder's promises and aborts when one is broken:
  *	- an error has a non-empty, one-line, bounded, valid UTF-8 message and
  *	  a SQLSTATE, and is never one of the decoder's "internal error"s
- *	  (json-c disagreeing with the scanner, or a copy not fitting);
+ *	  (json-c disagreeing with PostgreSQL's parser);
  *	- a success has NUL-free, non-empty, valid UTF-8 strings, a method of
  *	  POST/PUT/DELETE, a known resource, and snapshots that are JSON
  *	  objects which decode again to exactly the same text;

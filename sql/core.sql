@@ -116,7 +116,8 @@ SELECT plugin, succeeded, sqlstate, error FROM storyboard_worker.process_event('
 SELECT plugin, succeeded, sqlstate, error FROM storyboard_worker.process_event('{"resource": "widget"}', 'widget');
 SELECT plugin, succeeded, sqlstate, error FROM storyboard_worker.process_event('{"resource": "story", "method": "GET"}', 'story');
 SELECT plugin, succeeded, sqlstate, error FROM storyboard_worker.process_event('{"resource": "story", "resource_after": "not an object"}', 'story');
-SELECT plugin, succeeded, sqlstate, error FROM storyboard_worker.process_event('{"resource": "story", "resource": "task"}', 'story');
+-- duplicate keys: the last one wins, as for StoryBoard (here, one not known)
+SELECT plugin, succeeded, sqlstate, error FROM storyboard_worker.process_event('{"resource": "story", "resource": "widget"}', 'story');
 SELECT plugin, succeeded, sqlstate, error FROM storyboard_worker.process_event('{"resource": "story", "path": "a\u0000b"}', 'story');
 SELECT plugin, succeeded, sqlstate, error FROM storyboard_worker.process_event(repeat('[', 100) || repeat(']', 100), 'story');
 SET storyboard_worker.max_message_bytes = 1024;

@@ -15,7 +15,7 @@ INSERT INTO hostile (body) VALUES
  ('{''resource'':''task''}'),
  ('{"resource":"task","status":NaN}'),
  ('{"resource":"task","x":' || repeat('[',64) || repeat(']',64) || '}'),
- ('{"resource":"task","resource_id":1,"resource_id":2}'),
+ ('{"resource":"task","resource_id":1,"resource_id":"x"}'),
  ('{"resource":"task","resource_after":{"id":1,"title":"x\u0000"}}'),
  ('{"resource":"task","resource_before":{"ti\u0000tle":"x"}}'),
  ('{"resource":"task","url":"\ud800"}'),
@@ -55,6 +55,12 @@ SELECT error, sqlstate, replay_count FROM storyboard_worker.dead_letters WHERE r
 
 -- Good bodies still go through, with falsy values as NULL.
 SELECT plugin, succeeded FROM storyboard_worker.process_event('{"resource":"task","resource_id":"007","status":"201","author_id":null,"resource_before":{},"url":""}');
+SELECT count(*) AS plugin_runs FROM ran;
+-- Duplicate keys: the last one wins, as for Python's json.loads in StoryBoard.
+SELECT plugin, succeeded FROM storyboard_worker.process_event('{"resource":"nope","resource":"task"}');
+SELECT count(*) AS plugin_runs FROM ran;
+-- Numbers numeric cannot hold: jsonb_in refuses the snapshot, a dead letter.
+SELECT plugin, succeeded, sqlstate, error FROM storyboard_worker.process_event('{"resource":"task","resource_before":{"x":1.5e-16383},"resource_after":{"x":0.5}}');
 SELECT count(*) AS plugin_runs FROM ran;
 
 DROP EXTENSION storyboard_worker CASCADE;

@@ -58,4 +58,25 @@
 #define sbw_create_wait_event_set(cxt, n)	CreateWaitEventSet((cxt), (n))
 #endif
 
+/*
+ * PostgreSQL's JSON parser (common/jsonapi.h), used by event_decode.c: a
+ * lexer over a counted UTF-8 string (17: the caller may pass the context
+ * to fill, NULL to allocate one; the text is const), and semantic actions
+ * that return an error code (16: before, they return nothing).
+ */
+#if PG_VERSION_NUM >= 170000
+#define sbw_json_lex_context(json, len, need_escapes) \
+	makeJsonLexContextCstringLen(NULL, (json), (len), PG_UTF8, (need_escapes))
+#else
+#define sbw_json_lex_context(json, len, need_escapes) \
+	makeJsonLexContextCstringLen((char *) (json), (int) (len), PG_UTF8, (need_escapes))
+#endif
+#if PG_VERSION_NUM >= 160000
+#define SBW_JSON_ACTION			JsonParseErrorType
+#define SBW_JSON_ACTION_DONE	return JSON_SUCCESS
+#else
+#define SBW_JSON_ACTION			void
+#define SBW_JSON_ACTION_DONE	return
+#endif
+
 #endif							/* SBW_COMPAT_H */

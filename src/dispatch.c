@@ -172,8 +172,10 @@ sbw_lookup_author(const SbwEvent *ev, bool *isnull)
 
 /*
  * Convert the JSON object texts of the snapshots to jsonb.  The decoder has
- * already refused what jsonb cannot hold (NUL, invalid UTF-8), so an error
- * here is a bug; it is caught by the caller and dead-lettered all the same.
+ * already refused what jsonb cannot hold (NUL, invalid UTF-8), and
+ * sbw_check_snapshots has tried those with numbers numeric may refuse, so
+ * an error here is a bug; it is caught by the caller and dead-lettered all
+ * the same.
  */
 static Datum
 sbw_jsonb(const char *text, bool *isnull)
@@ -547,6 +549,45 @@ sbw_run_plugin(SbwDispatch *d, const SbwMessage *msg, const SbwEvent *ev,
 	FreeErrorData(edata);
 }
 
+/* jsonb_in for sbw_subxact_run: the result is not kept. */
+static void
+sbw_jsonb_in_body(void *arg)
+{
+	(void) DirectFunctionCall1(jsonb_in, CStringGetDatum((char *) arg));
+}
+
+/*
+ * The decoder leaves numeric's range to jsonb_in.  When a body has a number
+ * with a fraction or an exponent (has_decimal_number), try its snapshots
+ * here, each in a subtransaction, so that one jsonb_in refuses is a dead
+ * letter naming the key, as any other body that cannot be decoded.  Other
+ * bodies skip this: their snapshots cannot fail jsonb_in, which
+ * sbw_build_event then runs without a subtransaction.
+ */
+static bool
+sbw_check_snapshots(SbwDispatch *d, const SbwMessage *msg, const SbwEvent *ev)
+{
+	const char *keys[] = {"resource_before", "resource_after"};
+	char	   *texts[] = {ev->resource_before, ev->resource_after};
+	ErrorData  *edata;
+	int			i;
+
+	for (i = 0; i < lengthof(texts); i++)
+	{
+		if (texts[i] == NULL || sbw_subxact_run(sbw_jsonb_in_body, texts[i], &edata))
+			continue;
+		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES ||
+			ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
+			ReThrowError(edata);
+		sbw_keep_message(d, msg, "could not decode a message",
+						 psprintf("key \"%s\" cannot be stored as jsonb: %s",
+								  keys[i], edata->message),
+						 unpack_sql_state(edata->sqlerrcode));
+		return false;
+	}
+	return true;
+}
+
 /*
  * Decode the message; false (and a dead letter) if it cannot become an
  * event.  A body cut short at max_message_bytes by the consumer (its
@@ -574,6 +615,8 @@ sbw_decode_message(SbwDispatch *d, const SbwMessage *msg, SbwEvent *ev)
 						 unpack_sql_state(sqlerrcode));
 		return false;
 	}
+	if (ev->has_decimal_number && !sbw_check_snapshots(d, msg, ev))
+		return false;
 	d->decoded = true;
 	return true;
 }

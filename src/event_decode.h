@@ -17,7 +17,10 @@
  * A NULL char pointer or a false has_* flag means the key was missing, JSON
  * null, or falsy in StoryBoard's sense (payload[key] or None: "", 0, {}).
  * Strings are palloc'd, NUL-free, valid UTF-8.  resource_before/after are
- * JSON object texts ready for jsonb_in.
+ * JSON object texts for jsonb_in, which alone checks numeric's range: if
+ * has_decimal_number is set (some number has a fraction or an exponent),
+ * jsonb_in may refuse a snapshot, so the caller converts it where an error
+ * can be caught (dispatch.c).
  */
 typedef struct SbwEvent
 {
@@ -37,6 +40,7 @@ typedef struct SbwEvent
 	int64		sub_resource_id;
 	char	   *resource_before;
 	char	   *resource_after;
+	bool		has_decimal_number;
 } SbwEvent;
 
 /*
@@ -45,7 +49,8 @@ typedef struct SbwEvent
  * and *sqlstate to a PostgreSQL error code (MAKE_SQLSTATE value), e.g.
  * ERRCODE_INVALID_TEXT_REPRESENTATION for invalid JSON,
  * ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE for an id out of range,
- * ERRCODE_CHARACTER_NOT_IN_REPERTOIRE for invalid UTF-8 or NUL,
+ * ERRCODE_CHARACTER_NOT_IN_REPERTOIRE for invalid UTF-8,
+ * ERRCODE_UNTRANSLATABLE_CHARACTER for \u0000,
  * ERRCODE_PROGRAM_LIMIT_EXCEEDED for size or depth limits,
  * ERRCODE_DATATYPE_MISMATCH for a wrong JSON type.
  * Never throws for bad input; json-c memory is always freed.
