@@ -11,8 +11,9 @@
  * 2. A bound on the nesting depth, counted on the raw bytes: PostgreSQL's
  *    parser recurses without a limit in a frontend build (the unit test,
  *    the fuzzer) and would throw from check_stack_depth() in the server.
- * 3. PostgreSQL's strict RFC 8259 parser (common/jsonapi.h), de-escaping,
- *    so that it refuses \u0000 and lone surrogates as text and jsonb do.
+ * 3. PostgreSQL's strict RFC 8259 parser (common/jsonapi.h), de-escaping
+ *    when there is a \u escape, so that it refuses \u0000 and lone
+ *    surrogates as text and jsonb do.
  *    Its scalar action checks that integers fit json-c's 64 bits (json-c
  *    clamps bigger ones without a word).
  * 4. json-c, which builds the values (a duplicate key: the last one wins,
@@ -148,13 +149,12 @@ static void
 put_for_message(char *out, const char *s, size_t n, bool quoted)
 {
 	size_t		shown = Min(n, SBW_MSG_QUOTE_BYTES);
-	size_t		i;
 
 	while (shown > 0 && shown < n && (((unsigned char) s[shown]) & 0xC0) == 0x80)
 		shown--;
 	if (quoted)
 		*out++ = '"';
-	for (i = 0; i < shown; i++)
+	for (size_t i = 0; i < shown; i++)
 	{
 		unsigned char c = (unsigned char) s[i];
 
@@ -177,7 +177,7 @@ check_length(const char *body, size_t len, size_t max_bytes,
 {
 	size_t		i = 0;
 
-	*sqlstate = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
+	*sqlstate = body == NULL && len > 0 ? ERRCODE_INTERNAL_ERROR : ERRCODE_PROGRAM_LIMIT_EXCEEDED;
 	if (body == NULL && len > 0)
 		*errmsg = pstrdup("internal error in the event decoder: message body pointer is NULL");
 	else if (max_bytes > 0 && len > max_bytes)
@@ -186,8 +186,6 @@ check_length(const char *body, size_t len, size_t max_bytes,
 	else if (len > SBW_HARD_MAX_BYTES)
 		*errmsg = psprintf("message body of %zu bytes exceeds the decoder's limit of %zu bytes",
 						   len, (size_t) SBW_HARD_MAX_BYTES);
-	if (body == NULL && len > 0)
-		*sqlstate = ERRCODE_INTERNAL_ERROR;
 	while (*errmsg == NULL && i < len && SBW_IS_JSON_WS(body[i]))
 		i++;
 	if (*errmsg == NULL && i == len)
@@ -209,7 +207,6 @@ check_utf8(const char *body, size_t len, char **errmsg, int *sqlstate)
 	size_t		pos = 0;
 	char		shown[4 * 5 + 1];
 	size_t		n;
-	size_t		i;
 
 	for (;;)
 	{
@@ -221,7 +218,7 @@ check_utf8(const char *body, size_t len, char **errmsg, int *sqlstate)
 		pos++;
 	}
 	n = Min((size_t) pg_utf_mblen((const unsigned char *) body + pos), len - pos);
-	for (i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++)
 		sprintf(shown + 5 * i, " 0x%02x", (unsigned char) body[pos + i]);
 	*errmsg = psprintf("invalid UTF-8 byte sequence %s at byte offset %zu of the message body",
 					   shown + 1, pos);
@@ -232,10 +229,16 @@ check_utf8(const char *body, size_t len, char **errmsg, int *sqlstate)
 /*
  * Bound the nesting before any parser recurses into it.  Brackets inside
  * strings (up to the closing quote, escapes stepped over) do not count.
- * Exact for valid JSON; invalid JSON is refused either way.
+ * Exact for valid JSON; invalid JSON is refused either way.  On the way,
+ * note a \u escape: only those can be \u0000 or a lone surrogate, which
+ * PostgreSQL's parser finds only while de-escaping, a copy of every string
+ * that most of StoryBoard's bodies can do without.  A backslash before a
+ * NUL byte counts too: without de-escaping, PostgreSQL 15's lexer takes
+ * it for a valid escape (strchr finds the terminator).
  */
 static bool
-check_depth(const char *body, size_t len, char **errmsg, int *sqlstate)
+check_depth(const char *body, size_t len, bool *u_escape,
+			char **errmsg, int *sqlstate)
 {
 	int			depth = 0;
 	bool		in_string = false;
@@ -247,8 +250,8 @@ check_depth(const char *body, size_t len, char **errmsg, int *sqlstate)
 
 		if (in_string)
 		{
-			if (c == '\\')
-				i++;
+			if (c == '\\' && i + 1 < len && (body[++i] == 'u' || body[i] == '\0'))
+				*u_escape = true;
 			else if (c == '"')
 				in_string = false;
 		}
@@ -358,7 +361,7 @@ gate_error(JsonParseErrorType err, JsonLexContext *lex, size_t len,
  * does not free all it allocated on every error path.
  */
 static bool
-check_json(const char *body, size_t len, bool *has_decimal,
+check_json(const char *body, size_t len, bool u_escape, bool *has_decimal,
 		   char **errmsg, int *sqlstate)
 {
 	MemoryContext caller = CurrentMemoryContext;
@@ -375,7 +378,7 @@ check_json(const char *body, size_t len, bool *has_decimal,
 	MemoryContextSwitchTo(scratch);
 	sem.semstate = &g;
 	sem.scalar = gate_scalar;
-	g.lex = sbw_json_lex_context(body, len, true);
+	g.lex = sbw_json_lex_context(body, len, u_escape);
 	err = pg_parse_json(g.lex, &sem);
 	if (SBW_IS_CONTENT_ERROR(err))
 	{
@@ -417,11 +420,9 @@ check_json(const char *body, size_t len, bool *has_decimal,
  * messages go to a buffer of SBW_MSG_BYTES, and copies are made with
  * palloc_extended(MCXT_ALLOC_NO_OOM).  No copy is over MaxAllocSize:
  * json-c's texts are never longer than the body.
- */
-
-/*
- * A wrong-typed value in "..., not <this>": numbers and strings shown; a
- * falsy number is "the integer 0" or "the number 0", however written.
+ *
+ * describe_value: a wrong-typed value in "..., not <this>": numbers and
+ * strings shown; a falsy number is "the integer 0" or "the number 0".
  */
 static void
 describe_value(json_object *v, char *buf)
@@ -589,12 +590,10 @@ check_names(const char *key, const SbwEvent *ev, char *msg, int *sqlstate)
 static void
 clear_event(SbwEvent *ev)
 {
-	char	  **text;
-	int			k;
-
-	for (k = 0; k < lengthof(sbw_keys); k++)
+	for (int k = 0; k < lengthof(sbw_keys); k++)
 	{
-		text = (char **) ((char *) ev + sbw_keys[k].value);
+		char	  **text = (char **) ((char *) ev + sbw_keys[k].value);
+
 		if (sbw_keys[k].type >= SBW_STRING && *text != NULL)
 			pfree(*text);
 	}
@@ -666,14 +665,15 @@ sbw_decode_event(const char *body, size_t len, size_t max_bytes,
 				 SbwEvent *ev, char **errmsg, int *sqlstate)
 {
 	bool		has_decimal = false;
+	bool		u_escape = false;
 
 	memset(ev, 0, sizeof(SbwEvent));
 	*errmsg = NULL;
 	*sqlstate = 0;
 	if (!check_length(body, len, max_bytes, errmsg, sqlstate) ||
 		!check_utf8(body, len, errmsg, sqlstate) ||
-		!check_depth(body, len, errmsg, sqlstate) ||
-		!check_json(body, len, &has_decimal, errmsg, sqlstate) ||
+		!check_depth(body, len, &u_escape, errmsg, sqlstate) ||
+		!check_json(body, len, u_escape, &has_decimal, errmsg, sqlstate) ||
 		!decode_values(body, len, ev, errmsg, sqlstate))
 		return false;
 	ev->has_decimal_number = has_decimal;

@@ -588,6 +588,10 @@ test_errors(void)
 	expect_error("backslash before a control character", "{\"resource\":\"ta\\\x01sk\"}",
 				 ERRCODE_INVALID_TEXT_REPRESENTATION,
 				 "message body is not valid JSON: invalid escape inside a string: \"\\\\\\u0001\" at byte offset 15");
+	/* PostgreSQL 15's lexer, not de-escaping, takes a backslash before NUL for an escape */
+	expect_error_len("backslash before a NUL byte", "{\"resource\":\"ta\\\0sk\"}", 22, 0,
+					 ERRCODE_INVALID_TEXT_REPRESENTATION,
+					 "message body is not valid JSON: invalid escape inside a string: \"\\\\\\u0000\" at byte offset 15");
 	expect_error("bad \\u escape", "{\"resource\":\"\\u12G4\"}",
 				 ERRCODE_INVALID_TEXT_REPRESENTATION,
 				 "message body is not valid JSON: invalid \\u escape (4 hex digits expected) inside a string at byte offset 12");
