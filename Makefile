@@ -7,6 +7,8 @@ OBJS = \
 	src/consumer.o \
 	src/acks.o \
 	src/amqp_link.o \
+	src/amqp_tls.o \
+	src/broker.o \
 	src/event_decode.o \
 	src/dispatch.o \
 	src/plugins.o \

@@ -64,6 +64,7 @@
 #include "compat.h"
 #include "acks.h"
 #include "amqp_link.h"
+#include "broker.h"
 #include "dispatch.h"
 #include "ledger.h"
 #include "plugins.h"
@@ -82,6 +83,8 @@
  * is served only after it, so a silent broker must not hold a shutdown.
  */
 #define SBW_CLOSE_MS		1000
+/* Limit of the TCP connect (with TLS handshake), the login and each RPC. */
+#define SBW_CONNECT_MS		10000
 
 typedef struct SbwConsumerState
 {
@@ -266,62 +269,26 @@ static char *
 sbw_next_host(void)
 {
 	List	   *hosts = NIL;
-	char	   *raw = pstrdup(sbw_rabbit_host);
+	char	   *raw = pstrdup(sbw_broker.host);
 	char	   *host;
 
 	if (!SplitGUCList(raw, ',', &hosts) || hosts == NIL)
-		return pstrdup(sbw_rabbit_host);
+		return pstrdup(sbw_broker.host);
 	host = pstrdup((char *) list_nth(hosts, cs.host_index % list_length(hosts)));
 	cs.host_index++;
 	return host;
-}
-
-/*
- * The settings a connection is made with, as one string (palloc'd), to
- * tell whether a reload changed any of them.
- */
-static char *
-sbw_broker_settings(void)
-{
-	return psprintf("%s|%d|%s|%s|%s|%s|%s|%d|%d|%d|%d|%s|%s|%s|%d",
-					sbw_rabbit_host, sbw_rabbit_port, sbw_rabbit_userid,
-					sbw_rabbit_password, sbw_rabbit_virtual_host,
-					sbw_rabbit_exchange_name, sbw_rabbit_event_queue_name,
-					sbw_rabbit_queue_type, sbw_rabbit_heartbeat,
-					sbw_rabbit_prefetch, sbw_rabbit_use_ssl,
-					sbw_rabbit_ssl_ca_file, sbw_rabbit_ssl_cert_file,
-					sbw_rabbit_ssl_key_file, sbw_rabbit_ssl_verify_peer);
 }
 
 /* Connect, with the current settings, to the next host. */
 static void
 sbw_connect(void)
 {
-	SbwAmqpSettings s;
 	char	   *err = NULL;
 	MemoryContext oldcxt = MemoryContextSwitchTo(cs.loop_cxt);
 
-	memset(&s, 0, sizeof(s));
-	s.host = sbw_next_host();
-	s.port = sbw_rabbit_port;
-	s.user = sbw_rabbit_userid;
-	s.password = sbw_rabbit_password;
-	s.vhost = sbw_rabbit_virtual_host;
-	s.exchange = sbw_rabbit_exchange_name;
-	s.queue = sbw_rabbit_event_queue_name;
-	s.queue_type = sbw_rabbit_queue_type == SBW_QUEUE_QUORUM ? "quorum" : "classic";
-	s.heartbeat = sbw_rabbit_heartbeat;
-	s.prefetch = sbw_rabbit_prefetch;
-	s.timeout_ms = 10000;
-	s.use_ssl = sbw_rabbit_use_ssl;
-	s.ssl_ca_file = sbw_rabbit_ssl_ca_file;
-	s.ssl_cert_file = sbw_rabbit_ssl_cert_file;
-	s.ssl_key_file = sbw_rabbit_ssl_key_file;
-	s.ssl_verify_peer = sbw_rabbit_ssl_verify_peer;
-
 	sbw_slot_set_state(SBW_STATE_CONNECTING, NULL);
 	pgstat_report_activity(STATE_RUNNING, "connecting to RabbitMQ");
-	cs.link = sbw_amqp_connect(&s, &err);
+	cs.link = sbw_amqp_connect(&sbw_broker, sbw_next_host(), SBW_CONNECT_MS, &err);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	if (cs.link == NULL)
 	{
@@ -332,7 +299,7 @@ sbw_connect(void)
 	{
 		ereport(LOG,
 				(errmsg("storyboard_worker consumer %d connected to %s, consuming queue \"%s\"",
-						cs.worker_id, sbw_amqp_peer(cs.link), sbw_rabbit_event_queue_name)));
+						cs.worker_id, sbw_amqp_peer(cs.link), sbw_broker.queue)));
 		cs.failures = 0;
 		sbw_slot_set_state(SBW_STATE_CONSUMING, sbw_amqp_peer(cs.link));
 	}
@@ -658,7 +625,7 @@ static bool
 sbw_committed(uint64 tag, int n)
 {
 	sbw_acks_committed(tag, n, cs.commit_lsn);
-	return sbw_send_acks(sbw_acks_pending() >= Max(sbw_rabbit_prefetch / 2, 1) ?
+	return sbw_send_acks(sbw_acks_pending() >= Max(sbw_broker.prefetch / 2, 1) ?
 						 SBW_ACK_FLUSH : SBW_ACK_DURABLE);
 }
 
@@ -1019,11 +986,11 @@ sbw_maintain(TimestampTz now)
 static void
 sbw_reload(void)
 {
-	char	   *before = sbw_broker_settings();
+	SbwBrokerSettings *before = sbw_broker_copy(&sbw_broker);
 
 	ConfigReloadPending = false;
 	ProcessConfigFile(PGC_SIGHUP);
-	if (strcmp(before, sbw_broker_settings()) != 0)
+	if (!sbw_broker_equal(before, &sbw_broker))
 	{
 		if (cs.link)
 		{
@@ -1134,8 +1101,6 @@ sbw_step(void)
 		return 0;
 	}
 	sbw_maintain(GetCurrentTimestamp());
-	if (n > 0)
-		return 0;
 	if (sbw_amqp_socket(cs.link) < 0)
 	{
 		/* the library closed the socket itself (a timed-out RPC) */
@@ -1143,6 +1108,8 @@ sbw_step(void)
 		sbw_connection_lost();
 		return 0;
 	}
+	if (n > 0)
+		return 0;
 	return sbw_connected_timeout();
 }
 

@@ -14,7 +14,8 @@
  *	plugins.c			the plugin registry and its cache
  *	stats.c				shared-memory counters, the stats view
  *	subscription.c		the built-in "subscription" plugin
- *	acks.c, ledger.c, scope.c, namecache.c, util.c	(see their headers)
+ *	acks.c, ledger.c, scope.c, namecache.c, util.c, broker.c, amqp_tls.c
+ *					(see their headers)
  *	email.c, render.c	the built-in "email" plugin and its templates
  *	mailer.c, smtp.c	the mailer worker and one mail over SMTP
  *	compat.h			where PostgreSQL 15, 17 and 18 differ
@@ -58,22 +59,7 @@
 extern bool sbw_enable_notifications;
 extern char *sbw_database;
 extern int	sbw_worker_count;
-extern char *sbw_rabbit_host;
-extern int	sbw_rabbit_port;
-extern char *sbw_rabbit_userid;
-extern char *sbw_rabbit_password;
-extern char *sbw_rabbit_virtual_host;
-extern char *sbw_rabbit_exchange_name;
-extern char *sbw_rabbit_event_queue_name;
 extern int	sbw_rabbit_retry_delay;
-extern int	sbw_rabbit_heartbeat;
-extern int	sbw_rabbit_prefetch;
-extern int	sbw_rabbit_queue_type;
-extern bool sbw_rabbit_use_ssl;
-extern char *sbw_rabbit_ssl_ca_file;
-extern char *sbw_rabbit_ssl_cert_file;
-extern char *sbw_rabbit_ssl_key_file;
-extern bool sbw_rabbit_ssl_verify_peer;
 extern int	sbw_max_message_bytes;
 extern int	sbw_max_retries;
 extern int	sbw_max_redeliveries;
