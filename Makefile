@@ -13,6 +13,7 @@ OBJS = \
 	src/dispatch.o \
 	src/plugins.o \
 	src/stats.o \
+	src/queue_depth.o \
 	src/ledger.o \
 	src/namecache.o \
 	src/scope.o \

@@ -951,6 +951,7 @@ sbw_take_delivery(SbwAmqpLink *link, const amqp_basic_deliver_t *del,
  * Only zero-timeout calls touch the socket, which also sends our heartbeat
  * when due and notices the broker's silence; with TLS they make SSL_read
  * hand over bytes OpenSSL has buffered, which poll() on the fd cannot see.
+ * Frames an RPC (sbw_amqp_queue_depth) set aside come first.
  */
 SbwAmqpResult
 sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d, size_t max_body, char **errmsg)
@@ -1010,6 +1011,38 @@ sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d, size_t max_body, char **errmsg)
 				continue;
 		}
 	}
+}
+
+/*
+ * A passive queue.declare on our channel; see amqp_link.h.  amqp_simple_rpc
+ * queues every frame that is not its reply (deliveries, their content,
+ * heartbeats) for amqp_simple_wait_frame_noblock to return first, so no
+ * delivery is lost; it waits at most the RPC timeout, then closes the
+ * socket.
+ */
+bool
+sbw_amqp_queue_depth(SbwAmqpLink *link, int64 *messages, int32 *consumers,
+					 char **errmsg)
+{
+	amqp_queue_declare_ok_t *ok;
+	char	   *what;
+
+	*errmsg = NULL;
+	if (link == NULL || link->conn == NULL || link->broken || !link->channel_open)
+		return sbw_fail(errmsg, "queue depth not measured: %s",
+						link && link->broken ? link->broken : "not connected");
+	what = psprintf("passive queue.declare on %s", link->peer);
+	ok = amqp_queue_declare(link->conn, SBW_CHANNEL,
+							amqp_cstring_bytes(link->queue), 1, 0, 0, 0,
+							amqp_empty_table);
+	if (!sbw_rpc_succeeded(link, ok, what, errmsg))
+	{
+		sbw_mark_broken(link, *errmsg);
+		return false;
+	}
+	*messages = ok->message_count;
+	*consumers = ok->consumer_count;
+	return true;
 }
 
 /*

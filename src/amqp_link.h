@@ -82,6 +82,16 @@ extern bool sbw_amqp_ack(SbwAmqpLink *link, uint64 tag, bool multiple,
 extern bool sbw_amqp_nack(SbwAmqpLink *link, uint64 tag, bool multiple,
 						  bool requeue, char **errmsg);
 
+/*
+ * The queue's depth now: a passive queue.declare on channel 1, waiting at
+ * most timeout_ms.  Deliveries arriving meanwhile are kept by librabbitmq
+ * and come out of sbw_amqp_next next, so call that before sleeping on the
+ * socket again.  False and *errmsg when it failed; the link is then broken
+ * (a timeout closes the socket; a missing queue, the channel).
+ */
+extern bool sbw_amqp_queue_depth(SbwAmqpLink *link, int64 *messages,
+								 int32 *consumers, char **errmsg);
+
 /* Close politely within timeout_ms, and free everything.  NULL-safe. */
 extern void sbw_amqp_close(SbwAmqpLink *link, int timeout_ms);
 

@@ -68,6 +68,7 @@
 #include "dispatch.h"
 #include "ledger.h"
 #include "plugins.h"
+#include "queue_depth.h"
 #include "storyboard_worker.h"
 #include "util.h"
 
@@ -192,6 +193,7 @@ static void
 sbw_disconnect(void)
 {
 	sbw_wait_set_free();
+	sbw_queue_depth_forget(cs.worker_id);
 	if (cs.link)
 	{
 		(void) sbw_send_acks(SBW_ACK_FLUSH);
@@ -210,6 +212,7 @@ static void
 sbw_consumer_exit(int code, Datum arg)
 {
 	sbw_wait_set_free();
+	sbw_queue_depth_forget(cs.worker_id);
 	if (cs.link)
 	{
 		(void) sbw_send_acks(SBW_ACK_FLUSH);
@@ -979,6 +982,23 @@ sbw_maintain(TimestampTz now)
 }
 
 /*
+ * Measure the queue's depth for the stats view when it is this consumer's
+ * turn (queue_depth.c).  Returns false when the connection was lost
+ * meanwhile; true otherwise, with *measured when it waited for the broker.
+ */
+static bool
+sbw_measure_queue(TimestampTz now, bool *measured)
+{
+	char	   *err = NULL;
+
+	*measured = sbw_queue_depth_due(cs.worker_id, now);
+	if (!*measured || sbw_queue_depth_refresh(cs.link, &err))
+		return true;
+	sbw_note_error(LOG, err);
+	return false;
+}
+
+/*
  * A reload: read the settings, and reconnect only if the broker settings
  * changed (a reconnection hands the prefetched, unacknowledged deliveries
  * back to the queue, to come again flagged redelivered).
@@ -1074,6 +1094,7 @@ sbw_step(void)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	int			n;
+	bool		measured;
 
 	if (!sbw_enable_notifications)
 	{
@@ -1108,7 +1129,13 @@ sbw_step(void)
 		sbw_connection_lost();
 		return 0;
 	}
-	if (n > 0)
+	if (!sbw_measure_queue(GetCurrentTimestamp(), &measured))
+	{
+		sbw_connection_lost();
+		return 0;
+	}
+	/* deliveries that came during the measurement wait in librabbitmq */
+	if (n > 0 || measured)
 		return 0;
 	return sbw_connected_timeout();
 }

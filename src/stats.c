@@ -24,6 +24,7 @@
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
+#include "queue_depth.h"
 #include "storyboard_worker.h"
 #include "util.h"
 
@@ -59,6 +60,7 @@ sbw_shmem_init(void)
 		memset(sbw_shared, 0, sizeof(SbwShared));
 		pg_atomic_init_u64(&sbw_shared->last_ack_flush, 0);
 		SpinLockInit(&sbw_shared->mailer.mutex);
+		sbw_queue_depth_init();
 		for (i = 0; i < SBW_MAX_WORKERS; i++)
 			SpinLockInit(&sbw_shared->slots[i].mutex);
 	}
@@ -263,10 +265,13 @@ sbw_worker_stats(PG_FUNCTION_ARGS)
 	{
 		SbwWorkerSlot *slot = &sbw_shared->slots[i];
 		SbwWorkerSlot copy;
-		Datum		values[16];
-		bool		nulls[16];
+		Datum		values[19];
+		bool		nulls[19];
 		double		p50,
 					p99;
+		int64		qmessages;
+		int32		qconsumers;
+		TimestampTz qchecked;
 
 		SpinLockAcquire(&slot->mutex);
 		memcpy(&copy, slot, sizeof(copy));
@@ -306,10 +311,16 @@ sbw_worker_stats(PG_FUNCTION_ARGS)
 		nulls[14] = p50 < 0;
 		values[15] = Float8GetDatum(p99);
 		nulls[15] = p99 < 0;
+		nulls[16] = nulls[17] = nulls[18] =
+			!sbw_queue_depth_read(&qmessages, &qconsumers, &qchecked);
+		values[16] = Int64GetDatum(qmessages);
+		values[17] = Int32GetDatum(qconsumers);
+		values[18] = TimestampTzGetDatum(qchecked);
 
 		/*
 		 * The SQL of 1.0 declares 11 columns, 1.1 and 1.2 add duplicates,
-		 * 1.3 the acknowledgements: fill what the declaration has.
+		 * 1.3 the acknowledgements, 1.5 the queue depth: fill what the
+		 * declaration has.
 		 */
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}

@@ -14,8 +14,8 @@
  *	plugins.c			the plugin registry and its cache
  *	stats.c				shared-memory counters, the stats view
  *	subscription.c		the built-in "subscription" plugin
- *	acks.c, ledger.c, scope.c, namecache.c, util.c, broker.c, amqp_tls.c
- *					(see their headers)
+ *	acks.c, ledger.c, scope.c, namecache.c, util.c, broker.c, amqp_tls.c,
+ *	queue_depth.c	(see their headers)
  *	email.c, render.c	the built-in "email" plugin and its templates
  *	mailer.c, smtp.c	the mailer worker and one mail over SMTP
  *	compat.h			where PostgreSQL 15, 17 and 18 differ
@@ -32,6 +32,8 @@
 #include "storage/s_lock.h"
 #include "utils/timestamp.h"
 
+#include "queue_depth.h"
+
 #define SBW_EXTENSION_NAME	"storyboard_worker"
 #define SBW_SCHEMA_NAME		"storyboard_worker"
 #define SBW_MAX_WORKERS		64
@@ -41,7 +43,7 @@
  * stay idle until ALTER EXTENSION storyboard_worker UPDATE brings an older
  * install to it (they need its tables: the redelivery count, the ledger).
  */
-#define SBW_EXTENSION_VERSION	"1.4"
+#define SBW_EXTENSION_VERSION	"1.5"
 
 /*
  * SQLSTATE a plugin raises to ask for a retry later ("not yet"), e.g. when
@@ -161,6 +163,7 @@ typedef struct SbwShared
 	SbwMailerSlot mailer;
 	/* when a consumer last flushed the WAL for its acknowledgements (acks.c) */
 	pg_atomic_uint64 last_ack_flush;
+	SbwQueueDepth queue_depth;	/* queue_depth.c */
 	SbwWorkerSlot slots[SBW_MAX_WORKERS];
 } SbwShared;
 
