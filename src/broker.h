@@ -4,8 +4,8 @@
  *		The broker settings (storyboard_worker.rabbit_*), described once.
  *
  * guc.c binds each rabbit_* setting to a field of sbw_broker; the consumer
- * keeps a copy of what it connected with and compares it with sbw_broker
- * after a reload; the link (amqp_link.c) connects with it.  A new setting
+ * copies it before a reload and compares the copy with it after (a change
+ * means reconnecting); the link (amqp_link.c) connects with it.  A new setting
  * is a new field here and a DefineCustom*Variable in guc.c, nothing else.
  *
  *-------------------------------------------------------------------------
