@@ -7,11 +7,14 @@ OBJS = \
 	src/consumer.o \
 	src/acks.o \
 	src/amqp_link.o \
+	src/amqp_tls.o \
+	src/broker.o \
 	src/event_decode.o \
 	src/dispatch.o \
 	src/plugins.o \
 	src/extension.o \
 	src/stats.o \
+	src/queue_depth.o \
 	src/ledger.o \
 	src/namecache.o \
 	src/scope.o \

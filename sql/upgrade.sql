@@ -1,7 +1,7 @@
--- Upgrade paths: an installed 1.0, 1.1 or 1.2 updated with ALTER EXTENSION
+-- Upgrade paths: an installed 1.0, 1.1, 1.2, 1.3 or 1.4 updated with ALTER EXTENSION
 -- ... UPDATE keeps its registrations, dead letters and ledger and ends with
 -- the same objects, privileges and function definitions as CREATE EXTENSION
--- of the default version (1.4).
+-- of the default version (1.5).
 SET client_min_messages = warning;
 -- The extension's members, by name.  PostgreSQL 17 also lists each table's
 -- row type and its array type: left out, so that every major shows the same.
@@ -46,6 +46,9 @@ INSERT INTO storyboard_worker.ledger (message_key) VALUES
 ALTER EXTENSION storyboard_worker UPDATE TO '1.3';
 CREATE TEMP TABLE objects_13_upgraded AS
   SELECT object FROM ext_members;
+ALTER EXTENSION storyboard_worker UPDATE TO '1.4';
+CREATE TEMP TABLE objects_14_upgraded AS
+  SELECT object FROM ext_members;
 ALTER EXTENSION storyboard_worker UPDATE;
 SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
 SELECT storyboard_worker.wake_workers() >= 0 AS callable_after_update;
@@ -84,9 +87,15 @@ UNION ALL
 (SELECT 'gone', object FROM objects_12_upgraded EXCEPT SELECT 'gone', object FROM objects_13_upgraded)
 ORDER BY 1, 2;
 -- what 1.4 added (email)
-(SELECT 'added' AS change, object FROM objects_fresh EXCEPT SELECT 'added', object FROM objects_13_upgraded)
+(SELECT 'added' AS change, object FROM objects_14_upgraded EXCEPT SELECT 'added', object FROM objects_13_upgraded)
 UNION ALL
-(SELECT 'gone', object FROM objects_13_upgraded EXCEPT SELECT 'gone', object FROM objects_fresh)
+(SELECT 'gone', object FROM objects_13_upgraded EXCEPT SELECT 'gone', object FROM objects_14_upgraded)
+ORDER BY 1, 2;
+-- 1.5 adds no object, it replaces worker_stats() and the stats view (the
+-- queue depth's columns, listed above)
+(SELECT 'added' AS change, object FROM objects_fresh EXCEPT SELECT 'added', object FROM objects_14_upgraded)
+UNION ALL
+(SELECT 'gone', object FROM objects_14_upgraded EXCEPT SELECT 'gone', object FROM objects_fresh)
 ORDER BY 1, 2;
 -- an operator's templates are configuration: pg_dump keeps their rows, and
 -- no update script touches them
@@ -104,21 +113,30 @@ SELECT f.fn FROM functions_upgraded f
 SELECT prosecdef, proconfig FROM pg_proc
  WHERE oid = 'storyboard_worker.forget_dropped_plugins()'::regprocedure;
 DROP EXTENSION storyboard_worker CASCADE;
--- 1.1 -> 1.4 and 1.2 -> 1.4 as well
-CREATE EXTENSION storyboard_worker VERSION '1.2';
-ALTER EXTENSION storyboard_worker UPDATE;
-SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
-(SELECT object FROM ext_members EXCEPT SELECT object FROM objects_fresh)
-UNION ALL
-(SELECT object FROM objects_fresh
- EXCEPT SELECT object FROM ext_members);
-DROP EXTENSION storyboard_worker CASCADE;
-CREATE EXTENSION storyboard_worker VERSION '1.1';
-ALTER EXTENSION storyboard_worker UPDATE;
-SELECT extversion FROM pg_extension WHERE extname = 'storyboard_worker';
-(SELECT object FROM ext_members EXCEPT SELECT object FROM objects_fresh)
-UNION ALL
-(SELECT object FROM objects_fresh
- EXCEPT SELECT object FROM ext_members);
-DROP EXTENSION storyboard_worker CASCADE;
+-- 1.1, 1.2, 1.3 and 1.4 updated straight to the default version end as the
+-- fresh install too: the same objects and privileges, the stats view
+-- readable by everyone
+CREATE FUNCTION pg_temp.update_from(v text, OUT updated_to text,
+	OUT objects_differing bigint, OUT acls_differing bigint,
+	OUT public_reads_stats boolean, OUT public_runs_worker_stats boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+	EXECUTE format('CREATE EXTENSION storyboard_worker VERSION %L', v);
+	ALTER EXTENSION storyboard_worker UPDATE;
+	SELECT extversion INTO updated_to FROM pg_extension WHERE extname = 'storyboard_worker';
+	SELECT count(*) INTO objects_differing FROM (
+		(SELECT object FROM ext_members EXCEPT SELECT object FROM objects_fresh)
+		UNION ALL
+		(SELECT object FROM objects_fresh EXCEPT SELECT object FROM ext_members)) d;
+	SELECT count(*) INTO acls_differing FROM acl_upgraded a
+	  JOIN pg_class c ON c.relname = a.relname
+	   AND c.relnamespace = 'storyboard_worker'::regnamespace
+	 WHERE a.relacl IS DISTINCT FROM c.relacl::text;
+	public_reads_stats := has_table_privilege('public', 'storyboard_worker.stats', 'SELECT');
+	public_runs_worker_stats := has_function_privilege('public', 'storyboard_worker.worker_stats()', 'EXECUTE');
+	DROP EXTENSION storyboard_worker CASCADE;
+END $$;
+SELECT v AS updated_from, u.*
+  FROM unnest(ARRAY['1.1', '1.2', '1.3', '1.4']) v, pg_temp.update_from(v) u
+ ORDER BY v;
 DROP FUNCTION IF EXISTS upgrade_noop;

@@ -6,15 +6,17 @@
  * librabbitmq does no background work and restarts poll() on EINTR, so any
  * call that waits without a deadline makes the backend deaf to SIGTERM,
  * reloads and ProcSignalBarriers.  Everything here is therefore either
- * non-blocking (a zero timeout) or bounded: the TCP connect and the TLS
- * handshake by amqp_socket_open_noblock, the AMQP handshake by
- * amqp_set_handshake_timeout, every RPC (declare, bind, qos, consume, close)
- * by amqp_set_rpc_timeout, and the header and body frames of a delivery by a
- * per-frame timeout we pass ourselves, because amqp_consume_message reads
- * them with an infinite deadline.
+ * non-blocking (a zero timeout) or bounded: the TCP connect is ours, made
+ * under WaitLatchOrSocket (interrupts are served while it waits) and handed
+ * to librabbitmq; the TLS handshake is bounded by amqp_socket_open_noblock,
+ * the AMQP handshake by amqp_set_handshake_timeout, every RPC (declare,
+ * bind, qos, consume, close) by amqp_set_rpc_timeout, and the header and
+ * body frames of a delivery by a per-frame timeout we pass ourselves,
+ * because amqp_consume_message reads them with an infinite deadline.
  *
- * Nothing here throws.  Failures come back as palloc'd messages naming the
- * step that failed and, when the broker said why, its reply text.
+ * Nothing here throws, but for an interrupt during the TCP connect.
+ * Failures come back as palloc'd messages naming the step that failed and,
+ * when the broker said why, its reply text.
  *
  * librabbitmq allocates with malloc: every delivery is copied into palloc'd
  * memory of the caller's context at once, and the library's pools are
@@ -25,7 +27,10 @@
 #include "postgres.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -33,44 +38,16 @@
 #include <time.h>
 #include <unistd.h>
 
-/*
- * rabbitmq-c 0.12 moved its headers under rabbitmq-c/; Debian 12 ships 0.11,
- * which still has them at the top level.
- */
-#if defined(__has_include)
-#if __has_include(<rabbitmq-c/amqp.h>)
-#include <rabbitmq-c/amqp.h>
-#include <rabbitmq-c/tcp_socket.h>
-#if __has_include(<rabbitmq-c/ssl_socket.h>)
-#include <rabbitmq-c/ssl_socket.h>
-#define SBW_HAVE_AMQP_SSL 1
-#endif
-#else
-#include <amqp.h>
-#include <amqp_tcp_socket.h>
-#if __has_include(<amqp_ssl_socket.h>)
-#include <amqp_ssl_socket.h>
-#define SBW_HAVE_AMQP_SSL 1
-#endif
-#endif
-/* OpenSSL, for default CA paths and readable certificate errors. */
-#if defined(SBW_HAVE_AMQP_SSL) && __has_include(<openssl/ssl.h>)
-#include <openssl/err.h>
-#include <openssl/ssl.h>
-#include <openssl/x509.h>
-#define SBW_HAVE_OPENSSL 1
-#endif
-#else							/* no __has_include: assume 0.11 layout */
-#include <amqp.h>
-#include <amqp_tcp_socket.h>
-#include <amqp_ssl_socket.h>
-#define SBW_HAVE_AMQP_SSL 1
-#endif
-
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
 #include "storage/fd.h"
+#include "storage/latch.h"
 #include "utils/memutils.h"
+#include "utils/wait_event.h"
 
 #include "amqp_link.h"
+#include "amqp_tls.h"
+#include "storyboard_worker.h"
 
 /* The only channel we use. */
 #define SBW_CHANNEL			1
@@ -92,12 +69,39 @@ struct SbwAmqpLink
 	char	   *broken;			/* first fatal error, NULL while healthy */
 	char	   *peer;			/* "host:port" */
 	char	   *consumer_tag;	/* from basic.consume-ok */
+	char	   *queue;			/* the queue consumed */
 	int			timeout_ms;
 	int			heartbeat;		/* negotiated, seconds */
 };
 
 static const struct timeval sbw_zero_tv = {0, 0};
 
+/*
+ * Set *errmsg and return false: the shape of every failure here, so that a
+ * failing step is one statement.
+ */
+static bool
+pg_attribute_printf(2, 3)
+sbw_fail(char **errmsg, const char *fmt,...)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (;;)
+	{
+		va_list		args;
+		int			needed;
+
+		va_start(args, fmt);
+		needed = appendStringInfoVA(&buf, fmt, args);
+		va_end(args);
+		if (needed == 0)
+			break;
+		enlargeStringInfo(&buf, needed);
+	}
+	*errmsg = buf.data;
+	return false;
+}
 
 /*
  * A struct timeval for a millisecond count: librabbitmq takes timeouts in
@@ -150,6 +154,8 @@ sbw_bytes_dup(amqp_bytes_t b)
 static char *
 sbw_status_text(SbwAmqpLink *link, int status, int save_errno)
 {
+	char	   *detail;
+
 	switch (status)
 	{
 		case AMQP_STATUS_TIMEOUT:
@@ -161,25 +167,15 @@ sbw_status_text(SbwAmqpLink *link, int status, int save_errno)
 			if (save_errno != 0 && save_errno != EAGAIN &&
 				save_errno != EINPROGRESS && save_errno != EINTR)
 				return sbw_errno_text(save_errno);
-			return pstrdup(amqp_error_string2(status));
+			break;
 		case AMQP_STATUS_CONNECTION_CLOSED:
 			return pstrdup("connection closed by the broker (end of file)");
-#ifdef SBW_HAVE_OPENSSL
 		case AMQP_STATUS_SSL_ERROR:
-			{
-				unsigned long e = ERR_peek_last_error();
-				char		buf[256];
-
-				if (e == 0)
-					return pstrdup(amqp_error_string2(status));
-				ERR_error_string_n(e, buf, sizeof(buf));
-				ERR_clear_error();
-				return psprintf("%s: %s", amqp_error_string2(status), buf);
-			}
-#endif
-		default:
-			return pstrdup(amqp_error_string2(status));
+			if ((detail = sbw_tls_last_error()) != NULL)
+				return psprintf("%s: %s", amqp_error_string2(status), detail);
+			break;
 	}
+	return pstrdup(amqp_error_string2(status));
 }
 
 /*
@@ -254,12 +250,13 @@ sbw_close_text(const amqp_method_t *m)
 }
 
 /*
- * Turn an RPC reply into a message, and keep the link's state in line with
- * what the broker did: a connection.close or channel.close is answered with
- * close-ok, a library failure (timeout, EOF) means the socket is gone.
+ * A failed RPC: bring the link's state in line with what happened, and
+ * return why it failed.  A connection.close or channel.close from the
+ * broker is answered with close-ok (frames are sent); a library failure
+ * (timeout, EOF, socket error) means the socket is gone.
  */
 static char *
-sbw_reply_text(SbwAmqpLink *link, amqp_rpc_reply_t r)
+sbw_settle_failed_rpc(SbwAmqpLink *link, amqp_rpc_reply_t r)
 {
 	char	   *msg;
 
@@ -295,127 +292,19 @@ sbw_reply_text(SbwAmqpLink *link, amqp_rpc_reply_t r)
 	return pstrdup("unknown RPC reply type");
 }
 
-#ifdef SBW_HAVE_OPENSSL
 /*
- * librabbitmq 0.11 checks the peer certificate only after the handshake and
- * keeps the reason to itself ("SSL peer cert verification failed").  We ask
- * OpenSSL to verify during the handshake instead and keep the first X509
- * error here, so the message can say "self-signed certificate" or
- * "certificate has expired".  Backends are single-threaded.
+ * After an RPC that returned 'ok' (NULL when it failed): true, or settle
+ * the failure and say "<what> failed: <why>".
  */
-static int	sbw_x509_error = X509_V_OK;
-static int	sbw_x509_depth = 0;
-
-static int
-sbw_verify_cb(int preverify_ok, X509_STORE_CTX *ctx)
+static bool
+sbw_rpc_succeeded(SbwAmqpLink *link, const void *ok, const char *what,
+				  char **errmsg)
 {
-	if (!preverify_ok && sbw_x509_error == X509_V_OK)
-	{
-		sbw_x509_error = X509_STORE_CTX_get_error(ctx);
-		sbw_x509_depth = X509_STORE_CTX_get_error_depth(ctx);
-	}
-	return preverify_ok;
+	if (ok != NULL)
+		return true;
+	return sbw_fail(errmsg, "%s failed: %s", what,
+					sbw_settle_failed_rpc(link, amqp_get_rpc_reply(link->conn)));
 }
-
-/*
- * The most specific reason we have for a failed TLS connect: the X509
- * verification error if any, else OpenSSL's error queue, else nothing.
- */
-static char *
-sbw_tls_detail(void)
-{
-	unsigned long e;
-	char		buf[256];
-
-	if (sbw_x509_error != X509_V_OK)
-		return psprintf("certificate verify failed: %s (depth %d)",
-						X509_verify_cert_error_string(sbw_x509_error),
-						sbw_x509_depth);
-	e = ERR_peek_last_error();
-	if (e == 0)
-		return NULL;
-	ERR_error_string_n(e, buf, sizeof(buf));
-	ERR_clear_error();
-	return pstrdup(buf);
-}
-#endif
-
-#ifdef SBW_HAVE_AMQP_SSL
-/*
- * Create the TLS socket and load CA, client certificate and key; returns
- * NULL and *errmsg when a file cannot be used.
- */
-static amqp_socket_t *
-sbw_ssl_socket(SbwAmqpLink *link, const SbwAmqpSettings *s, char **errmsg)
-{
-	amqp_socket_t *sock;
-	bool		have_ca = s->ssl_ca_file && s->ssl_ca_file[0];
-	bool		have_cert = s->ssl_cert_file && s->ssl_cert_file[0];
-	bool		have_key = s->ssl_key_file && s->ssl_key_file[0];
-
-	sock = amqp_ssl_socket_new(link->conn);
-	if (sock == NULL)
-	{
-		*errmsg = psprintf("could not create a TLS socket for %s", link->peer);
-		return NULL;
-	}
-
-	if (have_ca && amqp_ssl_socket_set_cacert(sock, s->ssl_ca_file) != AMQP_STATUS_OK)
-	{
-		*errmsg = psprintf("could not load CA file \"%s\" for %s",
-						   s->ssl_ca_file, link->peer);
-		return NULL;
-	}
-	if (have_cert != have_key)
-	{
-		*errmsg = psprintf("TLS client authentication needs both a certificate and a key file (got only the %s)",
-						   have_cert ? "certificate" : "key");
-		return NULL;
-	}
-	if (have_cert &&
-		amqp_ssl_socket_set_key(sock, s->ssl_cert_file, s->ssl_key_file) != AMQP_STATUS_OK)
-	{
-		*errmsg = psprintf("could not load client certificate \"%s\" or key \"%s\"",
-						   s->ssl_cert_file, s->ssl_key_file);
-		return NULL;
-	}
-
-	/* both default to on in librabbitmq */
-	amqp_ssl_socket_set_verify_peer(sock, s->ssl_verify_peer ? 1 : 0);
-	amqp_ssl_socket_set_verify_hostname(sock, s->ssl_verify_peer ? 1 : 0);
-
-#ifdef SBW_HAVE_OPENSSL
-	if (s->ssl_verify_peer)
-	{
-		SSL_CTX    *ctx = (SSL_CTX *) amqp_ssl_socket_get_context(sock);
-		X509_VERIFY_PARAM *param = SSL_CTX_get0_param(ctx);
-
-		/* without a CA file, trust what the system trusts */
-		if (!have_ca)
-			(void) SSL_CTX_set_default_verify_paths(ctx);
-
-		/*
-		 * Let OpenSSL check the name during the handshake: librabbitmq
-		 * 0.11's own check compares DNS names and the CN only, so a broker
-		 * reached by IP address fails even with a matching IP SAN.
-		 */
-		if (X509_VERIFY_PARAM_set1_ip_asc(param, s->host) != 1 &&
-			X509_VERIFY_PARAM_set1_host(param, s->host, 0) != 1)
-		{
-			*errmsg = psprintf("could not set up TLS host name verification for \"%s\"",
-							   s->host);
-			return NULL;
-		}
-		amqp_ssl_socket_set_verify_hostname(sock, 0);
-		SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, sbw_verify_cb);
-	}
-	sbw_x509_error = X509_V_OK;
-	ERR_clear_error();
-#endif
-
-	return sock;
-}
-#endif
 
 /*
  * Milliseconds elapsed since *start, on the monotonic clock.
@@ -431,21 +320,104 @@ sbw_ms_since(const struct timespec *start)
 }
 
 /*
- * Why connecting to host:port fails, as an errno value (0 if unknown, or if
- * it now succeeds).  librabbitmq only says "a socket error occurred" when a
- * non-blocking connect() fails after poll(): it reads SO_ERROR and drops it.
- * So on that path we try once more ourselves, within the time left, and read
- * SO_ERROR.  The fd counts against the reservation the link already holds.
+ * Wait for a non-blocking connect() on fd to finish, at most until
+ * timeout_ms after *start, on our latch too: interrupts (SIGTERM,
+ * ProcSignalBarriers) are served here and may end the process, in which
+ * case fd is closed first.  Returns the connect's errno (0 = connected,
+ * ETIMEDOUT when the time is up).
  */
 static int
-sbw_probe_connect_errno(const char *host, int port, int timeout_ms)
+sbw_wait_connected(int fd, const struct timespec *start, int timeout_ms)
+{
+	volatile int err = -1;
+
+	PG_TRY();
+	{
+		while (err < 0)
+		{
+			int			left = timeout_ms - sbw_ms_since(start);
+			int			rc;
+			int			soerr = 0;
+			socklen_t	len = sizeof(soerr);
+
+			if (left <= 0)
+			{
+				err = ETIMEDOUT;
+				break;
+			}
+			rc = WaitLatchOrSocket(MyLatch, WL_LATCH_SET | WL_SOCKET_WRITEABLE |
+								   WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								   fd, left, PG_WAIT_EXTENSION);
+			if (rc & WL_LATCH_SET)
+			{
+				/* the loop looks at what woke us (reload, wake-up) after */
+				ResetLatch(MyLatch);
+				CHECK_FOR_INTERRUPTS();
+			}
+			if (rc & WL_SOCKET_WRITEABLE)
+				err = getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) == 0 ?
+					soerr : errno;
+		}
+	}
+	PG_CATCH();
+	{
+		close(fd);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	return err;
+}
+
+/*
+ * One TCP connection to one address, set up as librabbitmq sets up its own
+ * (non-blocking, close-on-exec, no Nagle, keepalives).  Returns the fd, or
+ * -1 with *err the errno of the failure.
+ */
+static int
+sbw_connect_address(const struct addrinfo *ai, const struct timespec *start,
+					int timeout_ms, int *err)
+{
+	int			one = 1;
+	int			fd;
+
+	fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+				ai->ai_protocol);
+	if (fd < 0)
+	{
+		*err = errno;
+		return -1;
+	}
+	if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0 ||
+		setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) != 0)
+		*err = errno;
+	else if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0)
+		*err = 0;
+	else if (errno != EINPROGRESS)
+		*err = errno;
+	else
+		*err = sbw_wait_connected(fd, start, timeout_ms);
+	if (*err == 0)
+		return fd;
+	close(fd);
+	return -1;
+}
+
+/*
+ * Connect to host:port within timeout_ms, trying each address the name
+ * resolves to, as librabbitmq would, but interruptibly and keeping the
+ * errno that librabbitmq reports only as "a socket error occurred".
+ * Returns the fd, or -1 and *errmsg.
+ */
+static int
+sbw_tcp_connect(SbwAmqpLink *link, const char *host, int port, char **errmsg)
 {
 	struct addrinfo hint;
 	struct addrinfo *addrs;
 	struct addrinfo *ai;
 	char		portstr[16];
-	int			result = 0;
 	struct timespec start;
+	int			fd = -1;
+	int			err = ETIMEDOUT;
 
 	clock_gettime(CLOCK_MONOTONIC, &start);
 	memset(&hint, 0, sizeof(hint));
@@ -454,149 +426,99 @@ sbw_probe_connect_errno(const char *host, int port, int timeout_ms)
 	hint.ai_protocol = IPPROTO_TCP;
 	snprintf(portstr, sizeof(portstr), "%d", port);
 	if (getaddrinfo(host, portstr, &hint, &addrs) != 0)
-		return 0;
-
-	for (ai = addrs; ai != NULL; ai = ai->ai_next)
 	{
-		int			fd;
-		int			left = timeout_ms - sbw_ms_since(&start);
-
-		if (left <= 0)
-			break;
-		fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK,
-					ai->ai_protocol);
-		if (fd < 0)
-			continue;
-		if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0)
-			result = 0;
-		else if (errno != EINPROGRESS)
-			result = errno;
-		else
+		(void) sbw_fail(errmsg, "could not connect to %s: could not resolve host name \"%s\"",
+						link->peer, host);
+		return -1;
+	}
+	for (ai = addrs; ai != NULL && fd < 0; ai = ai->ai_next)
+	{
+		if (sbw_ms_since(&start) >= link->timeout_ms)
 		{
-			struct pollfd pfd;
-			int			rc;
-			int			soerr = 0;
-			socklen_t	len = sizeof(soerr);
-
-			pfd.fd = fd;
-			pfd.events = POLLOUT;
-			do
-				rc = poll(&pfd, 1, left);
-			while (rc < 0 && errno == EINTR);
-			if (rc == 0)
-				result = ETIMEDOUT;
-			else if (rc > 0 &&
-					 getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) == 0)
-				result = soerr;
-		}
-		close(fd);
-		if (result == 0)
+			err = ETIMEDOUT;
 			break;
+		}
+		fd = sbw_connect_address(ai, &start, link->timeout_ms, &err);
 	}
 	freeaddrinfo(addrs);
-	return result;
+	if (fd >= 0)
+		return fd;
+	if (err == ETIMEDOUT)
+		(void) sbw_fail(errmsg, "could not connect to %s: timed out after %d ms",
+						link->peer, link->timeout_ms);
+	else
+		(void) sbw_fail(errmsg, "could not connect to %s: %s",
+						link->peer, sbw_errno_text(err));
+	return -1;
 }
 
 /*
- * Open the TCP (or TLS) connection within timeout_ms, and describe a failure
- * the way an operator wants to read it.
+ * The TCP connection, handed to librabbitmq as is.  librabbitmq's own
+ * connect (amqp_socket_open_noblock) would wait in poll() deaf to
+ * interrupts and drop the errno of a refused connection.
  */
 static bool
-sbw_open_socket(SbwAmqpLink *link, const SbwAmqpSettings *s, char **errmsg)
+sbw_open_tcp(SbwAmqpLink *link, const char *host, int port, char **errmsg)
+{
+	amqp_socket_t *sock = amqp_tcp_socket_new(link->conn);
+	int			fd;
+
+	if (sock == NULL)
+		return sbw_fail(errmsg, "could not create a socket for %s: out of memory",
+						link->peer);
+	if ((fd = sbw_tcp_connect(link, host, port, errmsg)) < 0)
+		return false;
+	amqp_tcp_socket_set_sockfd(sock, fd);	/* closed with the connection */
+	return true;
+}
+
+/*
+ * The TLS connection.  librabbitmq's TLS socket cannot take a connected fd
+ * (amqp_tcp_socket_set_sockfd has no TLS counterpart), so it connects on
+ * its own.  We connect first anyway, and close again: waiting for a
+ * broker that does not answer is then interruptible and a refusal reads
+ * "connection refused"; librabbitmq's own connect, once the broker has
+ * just accepted one, and the TLS handshake take what is left of the time.
+ */
+static bool
+sbw_open_tls(SbwAmqpLink *link, const SbwBrokerSettings *s, const char *host,
+			 char **errmsg)
 {
 	amqp_socket_t *sock;
-	struct timeval tv = sbw_ms_to_tv(s->timeout_ms);
+	struct timespec start;
+	struct timeval tv;
+	int			fd;
 	int			status;
 	int			save_errno;
-	struct timespec start;
 
-	if (s->use_ssl)
-	{
-#ifdef SBW_HAVE_AMQP_SSL
-		sock = sbw_ssl_socket(link, s, errmsg);
-		if (sock == NULL)
-			return false;
-#else
-		*errmsg = pstrdup("TLS was requested but librabbitmq was built without TLS support");
+	if ((sock = sbw_tls_socket_new(link->conn, s, host, link->peer, errmsg)) == NULL)
 		return false;
-#endif
-	}
-	else
-	{
-		sock = amqp_tcp_socket_new(link->conn);
-		if (sock == NULL)
-		{
-			*errmsg = psprintf("could not create a socket for %s: out of memory",
-							   link->peer);
-			return false;
-		}
-	}
-
 	clock_gettime(CLOCK_MONOTONIC, &start);
-	errno = 0;
-	status = amqp_socket_open_noblock(sock, s->host, s->port, &tv);
-	save_errno = errno;
-	if (status == AMQP_STATUS_OK)
-		return true;
+	if ((fd = sbw_tcp_connect(link, host, s->port, errmsg)) < 0)
+		return false;
+	close(fd);
 
+	tv = sbw_ms_to_tv(Max(link->timeout_ms - sbw_ms_since(&start), 1));
+	errno = 0;
+	status = amqp_socket_open_noblock(sock, host, s->port, &tv);
+	save_errno = errno;
 	switch (status)
 	{
+		case AMQP_STATUS_OK:
+			return true;
 		case AMQP_STATUS_TIMEOUT:
-			*errmsg = psprintf("could not connect to %s: timed out after %d ms%s",
-							   link->peer, s->timeout_ms,
-							   s->use_ssl ? " (TCP connect or TLS handshake)" : "");
-			break;
-		case AMQP_STATUS_HOSTNAME_RESOLUTION_FAILED:
-			*errmsg = psprintf("could not connect to %s: could not resolve host name \"%s\"",
-							   link->peer, s->host);
-			break;
-		case AMQP_STATUS_SOCKET_ERROR:
-
-			/*
-			 * connect() failing at once leaves its errno; one failing after
-			 * poll() leaves EINPROGRESS: then ask the network once more.
-			 */
-			if (save_errno == 0 || save_errno == EINPROGRESS ||
-				save_errno == EAGAIN || save_errno == EINTR)
-				save_errno = sbw_probe_connect_errno(s->host, s->port,
-													 s->timeout_ms - sbw_ms_since(&start));
-			if (save_errno == ETIMEDOUT)
-				*errmsg = psprintf("could not connect to %s: timed out after %d ms",
-								   link->peer, s->timeout_ms);
-			else if (save_errno != 0)
-				*errmsg = psprintf("could not connect to %s: %s",
-								   link->peer, sbw_errno_text(save_errno));
-			else
-				*errmsg = psprintf("could not connect to %s: %s",
-								   link->peer, amqp_error_string2(status));
-			break;
+			return sbw_fail(errmsg, "could not connect to %s: timed out after %d ms (TCP connect or TLS handshake)",
+							link->peer, link->timeout_ms);
 		case AMQP_STATUS_SSL_CONNECTION_FAILED:
 		case AMQP_STATUS_SSL_ERROR:
 		case AMQP_STATUS_SSL_PEER_VERIFY_FAILED:
 		case AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED:
-			{
-				char	   *detail = NULL;
-
-#ifdef SBW_HAVE_OPENSSL
-				detail = sbw_tls_detail();
-#endif
-				if (status == AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED)
-					*errmsg = psprintf("TLS connection to %s failed: the server certificate does not match host name \"%s\"",
-									   link->peer, s->host);
-				else if (detail)
-					*errmsg = psprintf("TLS connection to %s failed: %s: %s",
-									   link->peer, amqp_error_string2(status), detail);
-				else
-					*errmsg = psprintf("TLS connection to %s failed: %s",
-									   link->peer, amqp_error_string2(status));
-				break;
-			}
+			*errmsg = sbw_tls_open_failure(status, link->peer, host);
+			return false;
 		default:
-			*errmsg = psprintf("could not connect to %s: %s",
-							   link->peer, amqp_error_string2(status));
-			break;
+			return sbw_fail(errmsg, "could not connect to %s: %s", link->peer,
+							sbw_status_text(link, status, save_errno));
 	}
-	return false;
 }
 
 /*
@@ -606,19 +528,19 @@ sbw_open_socket(SbwAmqpLink *link, const SbwAmqpSettings *s, char **errmsg)
  * connection_name so the management UI says who we are.
  */
 static bool
-sbw_login(SbwAmqpLink *link, const SbwAmqpSettings *s, char **errmsg)
+sbw_login(SbwAmqpLink *link, const SbwBrokerSettings *s, char **errmsg)
 {
 	amqp_table_entry_t caps[1];
 	amqp_table_entry_t props[2];
-	amqp_table_t client_props;
+	amqp_table_t client_props = {lengthof(props), props};
 	amqp_rpc_reply_t r;
 	int			save_errno;
 	const char *vhost = (s->vhost && s->vhost[0]) ? s->vhost : "/";
+	const char *user = s->user ? s->user : "";
 
 	caps[0].key = amqp_cstring_bytes("consumer_cancel_notify");
 	caps[0].value.kind = AMQP_FIELD_KIND_BOOLEAN;
 	caps[0].value.value.boolean = 1;
-
 	props[0].key = amqp_cstring_bytes("capabilities");
 	props[0].value.kind = AMQP_FIELD_KIND_TABLE;
 	props[0].value.value.table.num_entries = lengthof(caps);
@@ -627,14 +549,10 @@ sbw_login(SbwAmqpLink *link, const SbwAmqpSettings *s, char **errmsg)
 	props[1].value.kind = AMQP_FIELD_KIND_UTF8;
 	props[1].value.value.bytes = amqp_cstring_bytes("storyboard_worker");
 
-	client_props.num_entries = lengthof(props);
-	client_props.entries = props;
-
 	errno = 0;
 	r = amqp_login_with_properties(link->conn, vhost, 0, SBW_FRAME_MAX,
 								   s->heartbeat, &client_props,
-								   AMQP_SASL_METHOD_PLAIN,
-								   s->user ? s->user : "",
+								   AMQP_SASL_METHOD_PLAIN, user,
 								   s->password ? s->password : "");
 	save_errno = errno;
 	if (r.reply_type == AMQP_RESPONSE_NORMAL)
@@ -647,25 +565,22 @@ sbw_login(SbwAmqpLink *link, const SbwAmqpSettings *s, char **errmsg)
 	if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
 		r.reply.id == AMQP_CONNECTION_CLOSE_METHOD &&
 		((amqp_connection_close_t *) r.reply.decoded)->reply_code == AMQP_NOT_ALLOWED)
-		*errmsg = psprintf("opening virtual host \"%s\" on %s as \"%s\" refused: %s",
-						   vhost, link->peer, s->user ? s->user : "",
-						   sbw_reply_text(link, r));
+		(void) sbw_fail(errmsg, "opening virtual host \"%s\" on %s as \"%s\" refused: %s",
+						vhost, link->peer, user, sbw_settle_failed_rpc(link, r));
 	else if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION)
-		*errmsg = psprintf("login to %s as \"%s\" refused: %s",
-						   link->peer, s->user ? s->user : "",
-						   sbw_reply_text(link, r));
+		(void) sbw_fail(errmsg, "login to %s as \"%s\" refused: %s",
+						link->peer, user, sbw_settle_failed_rpc(link, r));
 	else if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
 			 (r.library_error == AMQP_STATUS_CONNECTION_CLOSED ||
 			  r.library_error == AMQP_STATUS_SOCKET_ERROR))
-		*errmsg = psprintf("login to %s as \"%s\" failed: %s during the AMQP handshake%s",
-						   link->peer, s->user ? s->user : "",
-						   (r.library_error == AMQP_STATUS_SOCKET_ERROR && save_errno != 0) ?
-						   sbw_errno_text(save_errno) : "connection closed by the broker",
-						   s->use_ssl ? "" : " (does the port expect TLS?)");
+		(void) sbw_fail(errmsg, "login to %s as \"%s\" failed: %s during the AMQP handshake%s",
+						link->peer, user,
+						(r.library_error == AMQP_STATUS_SOCKET_ERROR && save_errno != 0) ?
+						sbw_errno_text(save_errno) : "connection closed by the broker",
+						s->use_ssl ? "" : " (does the port expect TLS?)");
 	else
-		*errmsg = psprintf("login to %s as \"%s\" failed: %s",
-						   link->peer, s->user ? s->user : "",
-						   sbw_reply_text(link, r));
+		(void) sbw_fail(errmsg, "login to %s as \"%s\" failed: %s",
+						link->peer, user, sbw_settle_failed_rpc(link, r));
 	link->socket_dead = true;	/* librabbitmq closed it on any login error */
 	return false;
 }
@@ -676,36 +591,29 @@ sbw_login(SbwAmqpLink *link, const SbwAmqpSettings *s, char **errmsg)
  * may run first.
  */
 static bool
-sbw_setup_channel(SbwAmqpLink *link, const SbwAmqpSettings *s, char **errmsg)
+sbw_setup_channel(SbwAmqpLink *link, const SbwBrokerSettings *s, char **errmsg)
 {
 	amqp_connection_state_t conn = link->conn;
 	amqp_table_entry_t qargs[1];
 	amqp_table_t queue_args = amqp_empty_table;
-	bool		quorum = (strcmp(s->queue_type, "quorum") == 0);
+	amqp_bytes_t queue = amqp_cstring_bytes(s->queue);
+	amqp_bytes_t exchange = amqp_cstring_bytes(s->exchange);
 	amqp_basic_consume_ok_t *cok;
 	int			i;
 
-	if (amqp_channel_open(conn, SBW_CHANNEL) == NULL)
-	{
-		*errmsg = psprintf("could not open channel %d on %s: %s",
-						   SBW_CHANNEL, link->peer,
-						   sbw_reply_text(link, amqp_get_rpc_reply(conn)));
+	if (!sbw_rpc_succeeded(link, amqp_channel_open(conn, SBW_CHANNEL),
+						   psprintf("opening channel %d on %s", SBW_CHANNEL, link->peer),
+						   errmsg))
 		return false;
-	}
 	link->channel_open = true;
 
-	if (amqp_exchange_declare(conn, SBW_CHANNEL,
-							  amqp_cstring_bytes(s->exchange),
-							  amqp_cstring_bytes("topic"),
-							  0, 1, 0, 0, amqp_empty_table) == NULL)
-	{
-		*errmsg = psprintf("exchange.declare of \"%s\" failed: %s",
-						   s->exchange,
-						   sbw_reply_text(link, amqp_get_rpc_reply(conn)));
+	if (!sbw_rpc_succeeded(link, amqp_exchange_declare(conn, SBW_CHANNEL, exchange,
+													   amqp_cstring_bytes("topic"),
+													   0, 1, 0, 0, amqp_empty_table),
+						   psprintf("exchange.declare of \"%s\"", s->exchange), errmsg))
 		return false;
-	}
 
-	if (quorum)
+	if (s->queue_type == SBW_QUEUE_QUORUM)
 	{
 		qargs[0].key = amqp_cstring_bytes("x-queue-type");
 		qargs[0].value.kind = AMQP_FIELD_KIND_UTF8;
@@ -713,79 +621,49 @@ sbw_setup_channel(SbwAmqpLink *link, const SbwAmqpSettings *s, char **errmsg)
 		queue_args.num_entries = 1;
 		queue_args.entries = qargs;
 	}
-	if (amqp_queue_declare(conn, SBW_CHANNEL, amqp_cstring_bytes(s->queue),
-						   0, 1, 0, 0, queue_args) == NULL)
-	{
-		*errmsg = psprintf("queue.declare of \"%s\" failed: %s",
-						   s->queue,
-						   sbw_reply_text(link, amqp_get_rpc_reply(conn)));
+	if (!sbw_rpc_succeeded(link, amqp_queue_declare(conn, SBW_CHANNEL, queue, 0, 1, 0, 0,
+													queue_args),
+						   psprintf("queue.declare of \"%s\"", s->queue), errmsg))
 		return false;
-	}
 
 	for (i = 0; i < lengthof(sbw_binding_keys); i++)
-	{
-		if (amqp_queue_bind(conn, SBW_CHANNEL, amqp_cstring_bytes(s->queue),
-							amqp_cstring_bytes(s->exchange),
-							amqp_cstring_bytes(sbw_binding_keys[i]),
-							amqp_empty_table) == NULL)
-		{
-			*errmsg = psprintf("queue.bind of \"%s\" to \"%s\" with routing key \"%s\" failed: %s",
-							   s->queue, s->exchange, sbw_binding_keys[i],
-							   sbw_reply_text(link, amqp_get_rpc_reply(conn)));
+		if (!sbw_rpc_succeeded(link, amqp_queue_bind(conn, SBW_CHANNEL, queue, exchange,
+													 amqp_cstring_bytes(sbw_binding_keys[i]),
+													 amqp_empty_table),
+							   psprintf("queue.bind of \"%s\" to \"%s\" with routing key \"%s\"",
+										s->queue, s->exchange, sbw_binding_keys[i]),
+							   errmsg))
 			return false;
-		}
-	}
 
-	if (amqp_basic_qos(conn, SBW_CHANNEL, 0, (uint16_t) s->prefetch, 0) == NULL)
-	{
-		*errmsg = psprintf("basic.qos(prefetch_count=%d) failed: %s",
-						   s->prefetch,
-						   sbw_reply_text(link, amqp_get_rpc_reply(conn)));
+	if (!sbw_rpc_succeeded(link, amqp_basic_qos(conn, SBW_CHANNEL, 0, (uint16_t) s->prefetch, 0),
+						   psprintf("basic.qos(prefetch_count=%d)", s->prefetch), errmsg))
 		return false;
-	}
 
-	cok = amqp_basic_consume(conn, SBW_CHANNEL, amqp_cstring_bytes(s->queue),
-							 amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
-	if (cok == NULL)
-	{
-		*errmsg = psprintf("basic.consume on \"%s\" failed: %s",
-						   s->queue,
-						   sbw_reply_text(link, amqp_get_rpc_reply(conn)));
+	cok = amqp_basic_consume(conn, SBW_CHANNEL, queue, amqp_empty_bytes, 0, 0, 0,
+							 amqp_empty_table);
+	if (!sbw_rpc_succeeded(link, cok, psprintf("basic.consume on \"%s\"", s->queue), errmsg))
 		return false;
-	}
-	link->consumer_tag = MemoryContextAlloc(TopMemoryContext,
-											cok->consumer_tag.len + 1);
-	memcpy(link->consumer_tag, cok->consumer_tag.bytes, cok->consumer_tag.len);
-	link->consumer_tag[cok->consumer_tag.len] = '\0';
+	link->consumer_tag = MemoryContextStrdup(TopMemoryContext, sbw_bytes_dup(cok->consumer_tag));
 	amqp_maybe_release_buffers(conn);
 	return true;
 }
 
 /*
  * Check the settings before any I/O, so that a typo gives a message about
- * the setting rather than a confusing broker error.
+ * the setting rather than a confusing broker error.  The GUCs' own limits
+ * cover the rest.
  */
 static char *
-sbw_check_settings(const SbwAmqpSettings *s)
+sbw_check_settings(const SbwBrokerSettings *s, const char *host, int timeout_ms)
 {
-	if (s->host == NULL || s->host[0] == '\0')
+	if (host == NULL || host[0] == '\0')
 		return pstrdup("no broker host name given");
-	if (s->port < 1 || s->port > 65535)
-		return psprintf("invalid broker port %d", s->port);
 	if (s->exchange == NULL || s->exchange[0] == '\0')
 		return pstrdup("no exchange name given");
 	if (s->queue == NULL || s->queue[0] == '\0')
 		return pstrdup("no queue name given");
-	if (s->queue_type == NULL ||
-		(strcmp(s->queue_type, "classic") != 0 && strcmp(s->queue_type, "quorum") != 0))
-		return psprintf("invalid queue type \"%s\" (expected \"classic\" or \"quorum\")",
-						s->queue_type ? s->queue_type : "");
-	if (s->heartbeat < 0 || s->heartbeat > 65535)
-		return psprintf("invalid heartbeat %d (0 to 65535 seconds)", s->heartbeat);
-	if (s->prefetch < 0 || s->prefetch > 65535)
-		return psprintf("invalid prefetch %d (0 to 65535)", s->prefetch);
-	if (s->timeout_ms <= 0)
-		return psprintf("invalid timeout %d ms", s->timeout_ms);
+	if (timeout_ms <= 0)
+		return psprintf("invalid timeout %d ms", timeout_ms);
 	return NULL;
 }
 
@@ -794,67 +672,40 @@ sbw_check_settings(const SbwAmqpSettings *s)
  * failure everything acquired so far is released before returning NULL.
  */
 SbwAmqpLink *
-sbw_amqp_connect(const SbwAmqpSettings *s, char **errmsg)
+sbw_amqp_connect(const SbwBrokerSettings *s, const char *host, int timeout_ms,
+				 char **errmsg)
 {
 	SbwAmqpLink *link;
-	MemoryContext oldcxt;
-	struct timeval tv;
-	char	   *msg;
+	struct timeval tv = sbw_ms_to_tv(timeout_ms);
 
-	*errmsg = NULL;
-	msg = sbw_check_settings(s);
-	if (msg)
-	{
-		*errmsg = msg;
+	if ((*errmsg = sbw_check_settings(s, host, timeout_ms)) != NULL)
 		return NULL;
-	}
 
 	/* the link outlives the caller's per-event contexts */
-	oldcxt = MemoryContextSwitchTo(TopMemoryContext);
-	link = palloc0(sizeof(SbwAmqpLink));
-	link->timeout_ms = s->timeout_ms;
-	if (strchr(s->host, ':') != NULL)	/* IPv6 literal */
-		link->peer = psprintf("[%s]:%d", s->host, s->port);
-	else
-		link->peer = psprintf("%s:%d", s->host, s->port);
-	MemoryContextSwitchTo(oldcxt);
+	link = MemoryContextAllocZero(TopMemoryContext, sizeof(SbwAmqpLink));
+	link->timeout_ms = timeout_ms;
+	link->queue = MemoryContextStrdup(TopMemoryContext, s->queue);
+	link->peer = MemoryContextStrdup(TopMemoryContext,
+									 psprintf(strchr(host, ':') ? "[%s]:%d" : "%s:%d",
+											  host, s->port));
 
-	if (!AcquireExternalFD())
-	{
-		*errmsg = psprintf("could not connect to %s: no file descriptor available (AcquireExternalFD failed; raise max_files_per_process?)",
-						   link->peer);
-		sbw_amqp_close(link, link->timeout_ms);
-		return NULL;
-	}
-	link->have_external_fd = true;
+	if (!(link->have_external_fd = AcquireExternalFD()))
+		(void) sbw_fail(errmsg, "could not connect to %s: no file descriptor available (AcquireExternalFD failed; raise max_files_per_process?)",
+						link->peer);
+	else if ((link->conn = amqp_new_connection()) == NULL)
+		(void) sbw_fail(errmsg, "could not connect to %s: out of memory", link->peer);
+	else if (amqp_set_handshake_timeout(link->conn, &tv) != AMQP_STATUS_OK ||
+			 amqp_set_rpc_timeout(link->conn, &tv) != AMQP_STATUS_OK)
+		(void) sbw_fail(errmsg, "could not set a %d ms timeout for %s",
+						timeout_ms, link->peer);
+	else if ((s->use_ssl ? sbw_open_tls(link, s, host, errmsg) :
+			  sbw_open_tcp(link, host, s->port, errmsg)) &&
+			 sbw_login(link, s, errmsg) &&
+			 sbw_setup_channel(link, s, errmsg))
+		return link;
 
-	link->conn = amqp_new_connection();
-	if (link->conn == NULL)
-	{
-		*errmsg = psprintf("could not connect to %s: out of memory", link->peer);
-		sbw_amqp_close(link, link->timeout_ms);
-		return NULL;
-	}
-
-	tv = sbw_ms_to_tv(s->timeout_ms);
-	if (amqp_set_handshake_timeout(link->conn, &tv) != AMQP_STATUS_OK ||
-		amqp_set_rpc_timeout(link->conn, &tv) != AMQP_STATUS_OK)
-	{
-		*errmsg = psprintf("could not set a %d ms timeout for %s",
-						   s->timeout_ms, link->peer);
-		sbw_amqp_close(link, link->timeout_ms);
-		return NULL;
-	}
-
-	if (!sbw_open_socket(link, s, errmsg) ||
-		!sbw_login(link, s, errmsg) ||
-		!sbw_setup_channel(link, s, errmsg))
-	{
-		sbw_amqp_close(link, link->timeout_ms);
-		return NULL;
-	}
-
-	return link;
+	sbw_amqp_close(link, link->timeout_ms);
+	return NULL;
 }
 
 /*
@@ -886,18 +737,6 @@ int
 sbw_amqp_heartbeat(SbwAmqpLink *link)
 {
 	return link ? link->heartbeat : 0;
-}
-
-/*
- * Report a lost connection: keep the reason for later calls, and hand the
- * caller its own copy.
- */
-static SbwAmqpResult
-sbw_closed(SbwAmqpLink *link, char **errmsg, char *msg)
-{
-	sbw_mark_broken(link, msg);
-	*errmsg = msg;
-	return SBW_AMQP_CLOSED;
 }
 
 /*
@@ -1068,23 +907,61 @@ sbw_read_content(SbwAmqpLink *link, SbwDelivery *d, size_t max_body)
 }
 
 /*
+ * Report a lost connection: remember the reason for later calls (the link
+ * is broken from now on), and hand the caller its own copy.
+ */
+static SbwAmqpResult
+sbw_break_link(SbwAmqpLink *link, char **errmsg, char *msg)
+{
+	sbw_mark_broken(link, msg);
+	*errmsg = msg;
+	return SBW_AMQP_CLOSED;
+}
+
+/*
+ * A basic.deliver has arrived: fill d with it, reading its header and body
+ * frames (each within timeout_ms).  NULL, or why the link is now broken.
+ */
+static char *
+sbw_take_delivery(SbwAmqpLink *link, const amqp_basic_deliver_t *del,
+				  SbwDelivery *d, size_t max_body)
+{
+	char	   *msg;
+
+	d->delivery_tag = del->delivery_tag;
+	d->redelivered = del->redelivered != 0;
+	d->routing_key = sbw_bytes_dup(del->routing_key);
+	if ((msg = sbw_read_content(link, d, max_body)) == NULL)
+	{
+		amqp_maybe_release_buffers(link->conn);
+		return NULL;
+	}
+	pfree(d->routing_key);
+	if (d->message_id)
+		pfree(d->message_id);
+	if (d->body)
+		pfree(d->body);
+	memset(d, 0, sizeof(*d));
+	return msg;
+}
+
+/*
  * Drain one delivery from what is buffered or readable now; see amqp_link.h.
  *
  * Only zero-timeout calls touch the socket, which also sends our heartbeat
  * when due and notices the broker's silence; with TLS they make SSL_read
  * hand over bytes OpenSSL has buffered, which poll() on the fd cannot see.
- * Once a basic.deliver has arrived, its header and body frames are read with
- * a timeout of timeout_ms per frame.
+ * Frames an RPC (sbw_amqp_queue_depth) set aside come first.
  */
 SbwAmqpResult
 sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d, size_t max_body, char **errmsg)
 {
 	amqp_frame_t frame;
 	int			status;
+	char	   *msg;
 
 	*errmsg = NULL;
 	memset(d, 0, sizeof(*d));
-
 	if (link == NULL || link->conn == NULL)
 	{
 		*errmsg = pstrdup("not connected");
@@ -1092,13 +969,11 @@ sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d, size_t max_body, char **errmsg)
 	}
 	if (link->broken)
 	{
-		*errmsg = psprintf("connection to %s is unusable: %s",
-						   link->peer, link->broken);
+		*errmsg = psprintf("connection to %s is unusable: %s", link->peer, link->broken);
 		return SBW_AMQP_CLOSED;
 	}
 
 	amqp_maybe_release_buffers(link->conn);
-
 	for (;;)
 	{
 		errno = 0;
@@ -1107,71 +982,67 @@ sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d, size_t max_body, char **errmsg)
 			return SBW_AMQP_NONE;
 		if (status != AMQP_STATUS_OK)
 		{
-			int			save_errno = errno;
-
+			msg = psprintf("connection to %s lost: %s", link->peer,
+						   sbw_status_text(link, status, errno));
 			link->socket_dead = true;
 			link->conn_open = false;
-			return sbw_closed(link, errmsg,
-							  psprintf("connection to %s lost: %s", link->peer,
-									   sbw_status_text(link, status, save_errno)));
+			return sbw_break_link(link, errmsg, msg);
 		}
-
-		if (frame.frame_type != AMQP_FRAME_METHOD)
-			continue;			/* heartbeats, strays of an older consumer */
+		/* heartbeats, strays of an older consumer, other channels */
+		if (frame.frame_type != AMQP_FRAME_METHOD ||
+			(frame.channel != SBW_CHANNEL && frame.channel != 0))
+			continue;
 
 		switch (frame.payload.method.id)
 		{
 			case AMQP_BASIC_DELIVER_METHOD:
-				{
-					amqp_basic_deliver_t *del =
-						(amqp_basic_deliver_t *) frame.payload.method.decoded;
-					char	   *msg;
-
-					if (frame.channel != SBW_CHANNEL)
-						continue;
-					d->delivery_tag = del->delivery_tag;
-					d->redelivered = del->redelivered != 0;
-					d->routing_key = sbw_bytes_dup(del->routing_key);
-					msg = sbw_read_content(link, d, max_body);
-					if (msg)
-					{
-						pfree(d->routing_key);
-						if (d->message_id)
-							pfree(d->message_id);
-						if (d->body)
-							pfree(d->body);
-						memset(d, 0, sizeof(*d));
-						return sbw_closed(link, errmsg, msg);
-					}
-					amqp_maybe_release_buffers(link->conn);
-					return SBW_AMQP_DELIVERY;
-				}
-
+				msg = sbw_take_delivery(link, frame.payload.method.decoded, d, max_body);
+				return msg ? sbw_break_link(link, errmsg, msg) : SBW_AMQP_DELIVERY;
 			case AMQP_CONNECTION_CLOSE_METHOD:
 			case AMQP_CHANNEL_CLOSE_METHOD:
-				if (frame.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD &&
-					frame.channel != SBW_CHANNEL)
-					continue;
-				return sbw_closed(link, errmsg, sbw_handle_close_frame(link, &frame));
-
+				return sbw_break_link(link, errmsg, sbw_handle_close_frame(link, &frame));
 			case AMQP_BASIC_CANCEL_METHOD:
-				{
-					amqp_basic_cancel_t *c =
-						(amqp_basic_cancel_t *) frame.payload.method.decoded;
-
-					if (frame.channel != SBW_CHANNEL)
-						continue;
-					return sbw_closed(link, errmsg,
+				return sbw_break_link(link, errmsg,
 									  psprintf("broker %s cancelled consumer \"%s\" (queue deleted, or its node lost?)",
 											   link->peer,
-											   sbw_bytes_dup(c->consumer_tag)));
-				}
-
+											   sbw_bytes_dup(((amqp_basic_cancel_t *) frame.payload.method.decoded)->consumer_tag)));
 			default:
 				/* connection.blocked/unblocked, stray basic.*-ok: not ours */
 				continue;
 		}
 	}
+}
+
+/*
+ * A passive queue.declare on our channel; see amqp_link.h.  amqp_simple_rpc
+ * queues every frame that is not its reply (deliveries, their content,
+ * heartbeats) for amqp_simple_wait_frame_noblock to return first, so no
+ * delivery is lost; it waits at most the RPC timeout, then closes the
+ * socket.
+ */
+bool
+sbw_amqp_queue_depth(SbwAmqpLink *link, int64 *messages, int32 *consumers,
+					 char **errmsg)
+{
+	amqp_queue_declare_ok_t *ok;
+	char	   *what;
+
+	*errmsg = NULL;
+	if (link == NULL || link->conn == NULL || link->broken || !link->channel_open)
+		return sbw_fail(errmsg, "queue depth not measured: %s",
+						link && link->broken ? link->broken : "not connected");
+	what = psprintf("passive queue.declare on %s", link->peer);
+	ok = amqp_queue_declare(link->conn, SBW_CHANNEL,
+							amqp_cstring_bytes(link->queue), 1, 0, 0, 0,
+							amqp_empty_table);
+	if (!sbw_rpc_succeeded(link, ok, what, errmsg))
+	{
+		sbw_mark_broken(link, *errmsg);
+		return false;
+	}
+	*messages = ok->message_count;
+	*consumers = ok->consumer_count;
+	return true;
 }
 
 /*
@@ -1302,6 +1173,8 @@ sbw_amqp_close(SbwAmqpLink *link, int timeout_ms)
 		pfree(link->broken);
 	if (link->consumer_tag)
 		pfree(link->consumer_tag);
+	if (link->queue)
+		pfree(link->queue);
 	if (link->peer)
 		pfree(link->peer);
 	pfree(link);

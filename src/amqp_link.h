@@ -8,34 +8,18 @@
  * (WaitLatchOrSocket) and stay responsive to SIGTERM, reloads and
  * ProcSignalBarriers.  No function here throws (ereport ERROR): failures are
  * returned with a palloc'd message so the caller decides how to back off.
+ * The one exception is an interrupt that arrives while sbw_amqp_connect
+ * waits for the TCP connect: it is served there (CHECK_FOR_INTERRUPTS), so
+ * a SIGTERM ends the process at once.
  *
  *-------------------------------------------------------------------------
  */
 #ifndef SBW_AMQP_LINK_H
 #define SBW_AMQP_LINK_H
 
-typedef struct SbwAmqpLink SbwAmqpLink;
+#include "broker.h"
 
-/* What to connect to; strings are not copied, keep them alive meanwhile. */
-typedef struct SbwAmqpSettings
-{
-	const char *host;			/* one host name or address */
-	int			port;
-	const char *user;
-	const char *password;
-	const char *vhost;
-	const char *exchange;
-	const char *queue;
-	const char *queue_type;		/* "classic" or "quorum" */
-	int			heartbeat;		/* seconds, 0 = off */
-	int			prefetch;		/* basic.qos prefetch_count */
-	int			timeout_ms;		/* connect, handshake and RPC timeout */
-	bool		use_ssl;
-	const char *ssl_ca_file;	/* NULL or "" = none */
-	const char *ssl_cert_file;
-	const char *ssl_key_file;
-	bool		ssl_verify_peer;
-} SbwAmqpSettings;
+typedef struct SbwAmqpLink SbwAmqpLink;
 
 /* One basic.deliver, copied into palloc'd memory of the current context. */
 typedef struct SbwDelivery
@@ -60,14 +44,18 @@ typedef enum SbwAmqpResult
 } SbwAmqpResult;
 
 /*
- * Connect, log in, open channel 1, declare the durable topic exchange, the
- * durable queue (x-queue-type when quorum) and its five bindings (task,
- * story, project, project_group, timeline_event), basic.qos and basic.consume
- * with manual acks.  Returns NULL and *errmsg on failure (broker down, wrong
- * password, access refused, TLS failure...); the message says which step
- * failed and the broker's reply text if any.
+ * Connect to 'host' (one name or address) with the settings s, within
+ * timeout_ms for each of the TCP connect (plus TLS handshake), the AMQP
+ * handshake and every RPC; log in, open channel 1, declare the durable
+ * topic exchange, the durable queue (x-queue-type when quorum) and its five
+ * bindings (task, story, project, project_group, timeline_event), basic.qos
+ * and basic.consume with manual acks.  Returns NULL and *errmsg on failure
+ * (broker down, wrong password, access refused, TLS failure...); the
+ * message says which step failed and the broker's reply text if any.
  */
-extern SbwAmqpLink *sbw_amqp_connect(const SbwAmqpSettings *s, char **errmsg);
+extern SbwAmqpLink *sbw_amqp_connect(const SbwBrokerSettings *s,
+									 const char *host, int timeout_ms,
+									 char **errmsg);
 
 /* The socket to wait on with WaitLatchOrSocket. */
 extern int	sbw_amqp_socket(SbwAmqpLink *link);
@@ -93,6 +81,16 @@ extern bool sbw_amqp_ack(SbwAmqpLink *link, uint64 tag, bool multiple,
 						 char **errmsg);
 extern bool sbw_amqp_nack(SbwAmqpLink *link, uint64 tag, bool multiple,
 						  bool requeue, char **errmsg);
+
+/*
+ * The queue's depth now: a passive queue.declare on channel 1, waiting at
+ * most timeout_ms.  Deliveries arriving meanwhile are kept by librabbitmq
+ * and come out of sbw_amqp_next next, so call that before sleeping on the
+ * socket again.  False and *errmsg when it failed; the link is then broken
+ * (a timeout closes the socket; a missing queue, the channel).
+ */
+extern bool sbw_amqp_queue_depth(SbwAmqpLink *link, int64 *messages,
+								 int32 *consumers, char **errmsg);
 
 /* Close politely within timeout_ms, and free everything.  NULL-safe. */
 extern void sbw_amqp_close(SbwAmqpLink *link, int timeout_ms);

@@ -64,9 +64,11 @@
 #include "compat.h"
 #include "acks.h"
 #include "amqp_link.h"
+#include "broker.h"
 #include "dispatch.h"
 #include "ledger.h"
 #include "plugins.h"
+#include "queue_depth.h"
 #include "storyboard_worker.h"
 #include "guc.h"
 #include "stats.h"
@@ -90,6 +92,8 @@
 #define SBW_DISABLED_SLEEP_MS	60000
 /* The same error again within this is logged at DEBUG1 only. */
 #define SBW_REPEAT_QUIET_MS	60000
+/* Limit of the TCP connect (with TLS handshake), the login and each RPC. */
+#define SBW_CONNECT_MS		10000
 
 typedef struct SbwConsumerState
 {
@@ -192,35 +196,37 @@ sbw_wait_set(pgsocket sock)
 	return cs.wait_set;
 }
 
-/* Drop the broker connection (if any), acknowledging what was committed. */
+/*
+ * Close the broker connection (if any) after acknowledging what was
+ * committed, within SBW_CLOSE_MS: a silent broker cannot hold up a
+ * shutdown.  The queue depth it measured is no longer current.
+ */
+static void
+sbw_close_link(void)
+{
+	sbw_wait_set_free();
+	sbw_queue_depth_forget(cs.worker_id);
+	if (cs.link)
+	{
+		(void) sbw_send_acks(SBW_ACK_FLUSH);
+		sbw_amqp_close(cs.link, SBW_CLOSE_MS);
+		cs.link = NULL;
+	}
+}
+
+/* Drop the broker connection; what was not acknowledged is redelivered. */
 static void
 sbw_disconnect(void)
 {
-	sbw_wait_set_free();
-	if (cs.link)
-	{
-		(void) sbw_send_acks(SBW_ACK_FLUSH);
-		sbw_amqp_close(cs.link, SBW_CLOSE_MS);
-		cs.link = NULL;
-	}
+	sbw_close_link();
 	sbw_acks_forget();
 }
 
-/*
- * At exit: acknowledge what was committed, close within SBW_CLOSE_MS (a
- * silent broker cannot hold up a shutdown), and let go of the redelivery
- * lock.
- */
+/* At exit: close the connection, and let go of the redelivery lock. */
 static void
 sbw_consumer_exit(int code, Datum arg)
 {
-	sbw_wait_set_free();
-	if (cs.link)
-	{
-		(void) sbw_send_acks(SBW_ACK_FLUSH);
-		sbw_amqp_close(cs.link, SBW_CLOSE_MS);
-		cs.link = NULL;
-	}
+	sbw_close_link();
 	sbw_unlock_redeliveries();
 }
 
@@ -274,62 +280,26 @@ static char *
 sbw_next_host(void)
 {
 	List	   *hosts = NIL;
-	char	   *raw = pstrdup(sbw_rabbit_host);
+	char	   *raw = pstrdup(sbw_broker.host);
 	char	   *host;
 
 	if (!SplitGUCList(raw, ',', &hosts) || hosts == NIL)
-		return pstrdup(sbw_rabbit_host);
+		return pstrdup(sbw_broker.host);
 	host = pstrdup((char *) list_nth(hosts, cs.host_index % list_length(hosts)));
 	cs.host_index++;
 	return host;
-}
-
-/*
- * The settings a connection is made with, as one string (palloc'd), to
- * tell whether a reload changed any of them.
- */
-static char *
-sbw_broker_settings(void)
-{
-	return psprintf("%s|%d|%s|%s|%s|%s|%s|%d|%d|%d|%d|%s|%s|%s|%d",
-					sbw_rabbit_host, sbw_rabbit_port, sbw_rabbit_userid,
-					sbw_rabbit_password, sbw_rabbit_virtual_host,
-					sbw_rabbit_exchange_name, sbw_rabbit_event_queue_name,
-					sbw_rabbit_queue_type, sbw_rabbit_heartbeat,
-					sbw_rabbit_prefetch, sbw_rabbit_use_ssl,
-					sbw_rabbit_ssl_ca_file, sbw_rabbit_ssl_cert_file,
-					sbw_rabbit_ssl_key_file, sbw_rabbit_ssl_verify_peer);
 }
 
 /* Connect, with the current settings, to the next host. */
 static void
 sbw_connect(void)
 {
-	SbwAmqpSettings s;
 	char	   *err = NULL;
 	MemoryContext oldcxt = MemoryContextSwitchTo(cs.loop_cxt);
 
-	memset(&s, 0, sizeof(s));
-	s.host = sbw_next_host();
-	s.port = sbw_rabbit_port;
-	s.user = sbw_rabbit_userid;
-	s.password = sbw_rabbit_password;
-	s.vhost = sbw_rabbit_virtual_host;
-	s.exchange = sbw_rabbit_exchange_name;
-	s.queue = sbw_rabbit_event_queue_name;
-	s.queue_type = sbw_rabbit_queue_type == SBW_QUEUE_QUORUM ? "quorum" : "classic";
-	s.heartbeat = sbw_rabbit_heartbeat;
-	s.prefetch = sbw_rabbit_prefetch;
-	s.timeout_ms = 10000;
-	s.use_ssl = sbw_rabbit_use_ssl;
-	s.ssl_ca_file = sbw_rabbit_ssl_ca_file;
-	s.ssl_cert_file = sbw_rabbit_ssl_cert_file;
-	s.ssl_key_file = sbw_rabbit_ssl_key_file;
-	s.ssl_verify_peer = sbw_rabbit_ssl_verify_peer;
-
 	sbw_slot_set_state(SBW_STATE_CONNECTING, NULL);
 	pgstat_report_activity(STATE_RUNNING, "connecting to RabbitMQ");
-	cs.link = sbw_amqp_connect(&s, &err);
+	cs.link = sbw_amqp_connect(&sbw_broker, sbw_next_host(), SBW_CONNECT_MS, &err);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	if (cs.link == NULL)
 	{
@@ -340,7 +310,7 @@ sbw_connect(void)
 	{
 		ereport(LOG,
 				(errmsg("storyboard_worker consumer %d connected to %s, consuming queue \"%s\"",
-						cs.worker_id, sbw_amqp_peer(cs.link), sbw_rabbit_event_queue_name)));
+						cs.worker_id, sbw_amqp_peer(cs.link), sbw_broker.queue)));
 		cs.failures = 0;
 		sbw_slot_set_state(SBW_STATE_CONSUMING, sbw_amqp_peer(cs.link));
 	}
@@ -666,7 +636,7 @@ static bool
 sbw_committed(uint64 tag, int n)
 {
 	sbw_acks_committed(tag, n, cs.commit_lsn);
-	return sbw_send_acks(sbw_acks_pending() >= Max(sbw_rabbit_prefetch / 2, 1) ?
+	return sbw_send_acks(sbw_acks_pending() >= Max(sbw_broker.prefetch / 2, 1) ?
 						 SBW_ACK_FLUSH : SBW_ACK_DURABLE);
 }
 
@@ -1020,6 +990,23 @@ sbw_maintain(TimestampTz now)
 }
 
 /*
+ * Measure the queue's depth for the stats view when it is this consumer's
+ * turn (queue_depth.c).  Returns false when the connection was lost
+ * meanwhile; true otherwise, with *measured when it waited for the broker.
+ */
+static bool
+sbw_measure_queue(TimestampTz now, bool *measured)
+{
+	char	   *err = NULL;
+
+	*measured = sbw_queue_depth_due(cs.worker_id, now);
+	if (!*measured || sbw_queue_depth_refresh(cs.link, &err))
+		return true;
+	sbw_note_error(LOG, err);
+	return false;
+}
+
+/*
  * A reload: read the settings, and reconnect only if the broker settings
  * changed (a reconnection hands the prefetched, unacknowledged deliveries
  * back to the queue, to come again flagged redelivered).
@@ -1027,11 +1014,11 @@ sbw_maintain(TimestampTz now)
 static void
 sbw_reload(void)
 {
-	char	   *before = sbw_broker_settings();
+	SbwBrokerSettings *before = sbw_broker_copy(&sbw_broker);
 
 	ConfigReloadPending = false;
 	ProcessConfigFile(PGC_SIGHUP);
-	if (strcmp(before, sbw_broker_settings()) != 0)
+	if (!sbw_broker_equal(before, &sbw_broker))
 	{
 		if (cs.link)
 		{
@@ -1115,6 +1102,7 @@ sbw_step(void)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	int			n;
+	bool		measured;
 
 	if (!sbw_enable_notifications)
 	{
@@ -1142,8 +1130,6 @@ sbw_step(void)
 		return 0;
 	}
 	sbw_maintain(GetCurrentTimestamp());
-	if (n > 0)
-		return 0;
 	if (sbw_amqp_socket(cs.link) < 0)
 	{
 		/* the library closed the socket itself (a timed-out RPC) */
@@ -1151,6 +1137,14 @@ sbw_step(void)
 		sbw_connection_lost();
 		return 0;
 	}
+	if (!sbw_measure_queue(GetCurrentTimestamp(), &measured))
+	{
+		sbw_connection_lost();
+		return 0;
+	}
+	/* deliveries that came during the measurement wait in librabbitmq */
+	if (n > 0 || measured)
+		return 0;
 	return sbw_connected_timeout();
 }
 

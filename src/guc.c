@@ -19,28 +19,14 @@
 
 #include "utils/guc.h"
 
+#include "broker.h"
 #include "storyboard_worker.h"
 #include "guc.h"
 
 bool		sbw_enable_notifications = false;
 char	   *sbw_database = NULL;
 int			sbw_worker_count = 5;
-char	   *sbw_rabbit_host = NULL;
-int			sbw_rabbit_port = 5672;
-char	   *sbw_rabbit_userid = NULL;
-char	   *sbw_rabbit_password = NULL;
-char	   *sbw_rabbit_virtual_host = NULL;
-char	   *sbw_rabbit_exchange_name = NULL;
-char	   *sbw_rabbit_event_queue_name = NULL;
 int			sbw_rabbit_retry_delay = 10;
-int			sbw_rabbit_heartbeat = 30;
-int			sbw_rabbit_prefetch = 100;
-int			sbw_rabbit_queue_type = SBW_QUEUE_CLASSIC;
-bool		sbw_rabbit_use_ssl = false;
-char	   *sbw_rabbit_ssl_ca_file = NULL;
-char	   *sbw_rabbit_ssl_cert_file = NULL;
-char	   *sbw_rabbit_ssl_key_file = NULL;
-bool		sbw_rabbit_ssl_verify_peer = true;
 int			sbw_max_message_bytes = 8 * 1024 * 1024;
 int			sbw_max_retries = 5;
 int			sbw_max_redeliveries = 5;
@@ -250,6 +236,113 @@ sbw_install_log_redaction(void)
 	emit_log_hook = sbw_redact_passwords;
 }
 
+/*
+ * The rabbit_* settings: StoryBoard's [notifications] options.  Each is a
+ * field of sbw_broker (broker.h), except the reconnect back-off, which is
+ * not part of a connection.
+ */
+static void
+sbw_define_broker_gucs(void)
+{
+	DefineCustomStringVariable("storyboard_worker.rabbit_host",
+							   "Host of the RabbitMQ server; a comma-separated list is tried in turn.",
+							   NULL,
+							   &sbw_broker.host, "localhost",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.rabbit_port",
+							"The RabbitMQ broker port.",
+							NULL,
+							&sbw_broker.port, 5672, 1, 65535,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_userid",
+							   "The RabbitMQ userid.",
+							   NULL,
+							   &sbw_broker.user, "storyboard",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_password",
+							   "The RabbitMQ password.",
+							   NULL,
+							   &sbw_broker.password, "storyboard",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_virtual_host",
+							   "The virtual host within which our queues and exchanges live.",
+							   NULL,
+							   &sbw_broker.vhost, "/",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_exchange_name",
+							   "The topic exchange StoryBoard publishes its events to.",
+							   NULL,
+							   &sbw_broker.exchange, "storyboard",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_event_queue_name",
+							   "The queue declared and consumed for API events.",
+							   NULL,
+							   &sbw_broker.queue, "storyboard_events",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.rabbit_retry_delay",
+							"Seconds between connection attempts (the cap of the reconnect back-off).",
+							NULL,
+							&sbw_rabbit_retry_delay, 10, 1, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.rabbit_heartbeat",
+							"AMQP heartbeat interval; a silent broker is dropped after two intervals.",
+							"0 disables heartbeats.",
+							&sbw_broker.heartbeat, 30, 0, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("storyboard_worker.rabbit_prefetch",
+							"Unacknowledged deliveries the broker may send each consumer.",
+							NULL,
+							&sbw_broker.prefetch, 100, 1, 65535,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("storyboard_worker.rabbit_queue_type",
+							 "Type of the event queue declared: classic (StoryBoard's) or quorum.",
+							 NULL,
+							 &sbw_broker.queue_type, SBW_QUEUE_CLASSIC,
+							 queue_type_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("storyboard_worker.rabbit_use_ssl",
+							 "Connect to RabbitMQ over TLS.",
+							 NULL,
+							 &sbw_broker.use_ssl, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_ssl_ca_file",
+							   "Certificate authority file to verify the broker with.",
+							   NULL,
+							   &sbw_broker.ssl_ca_file, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_ssl_cert_file",
+							   "Client certificate file presented to the broker.",
+							   NULL,
+							   &sbw_broker.ssl_cert_file, "",
+							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomStringVariable("storyboard_worker.rabbit_ssl_key_file",
+							   "Private key of the client certificate.",
+							   NULL,
+							   &sbw_broker.ssl_key_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("storyboard_worker.rabbit_ssl_verify_peer",
+							 "Verify the broker's certificate and host name.",
+							 NULL,
+							 &sbw_broker.ssl_verify_peer, true,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+}
+
 void
 sbw_define_gucs(void)
 {
@@ -271,103 +364,7 @@ sbw_define_gucs(void)
 							&sbw_worker_count, 5, 0, SBW_MAX_WORKERS,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 
-	DefineCustomStringVariable("storyboard_worker.rabbit_host",
-							   "Host of the RabbitMQ server; a comma-separated list is tried in turn.",
-							   NULL,
-							   &sbw_rabbit_host, "localhost",
-							   PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	DefineCustomIntVariable("storyboard_worker.rabbit_port",
-							"The RabbitMQ broker port.",
-							NULL,
-							&sbw_rabbit_port, 5672, 1, 65535,
-							PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	DefineCustomStringVariable("storyboard_worker.rabbit_userid",
-							   "The RabbitMQ userid.",
-							   NULL,
-							   &sbw_rabbit_userid, "storyboard",
-							   PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	DefineCustomStringVariable("storyboard_worker.rabbit_password",
-							   "The RabbitMQ password.",
-							   NULL,
-							   &sbw_rabbit_password, "storyboard",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
-							   NULL, NULL, NULL);
-
-	DefineCustomStringVariable("storyboard_worker.rabbit_virtual_host",
-							   "The virtual host within which our queues and exchanges live.",
-							   NULL,
-							   &sbw_rabbit_virtual_host, "/",
-							   PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	DefineCustomStringVariable("storyboard_worker.rabbit_exchange_name",
-							   "The topic exchange StoryBoard publishes its events to.",
-							   NULL,
-							   &sbw_rabbit_exchange_name, "storyboard",
-							   PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	DefineCustomStringVariable("storyboard_worker.rabbit_event_queue_name",
-							   "The queue declared and consumed for API events.",
-							   NULL,
-							   &sbw_rabbit_event_queue_name, "storyboard_events",
-							   PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	DefineCustomIntVariable("storyboard_worker.rabbit_retry_delay",
-							"Seconds between connection attempts (the cap of the reconnect back-off).",
-							NULL,
-							&sbw_rabbit_retry_delay, 10, 1, 3600,
-							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
-
-	DefineCustomIntVariable("storyboard_worker.rabbit_heartbeat",
-							"AMQP heartbeat interval; a silent broker is dropped after two intervals.",
-							"0 disables heartbeats.",
-							&sbw_rabbit_heartbeat, 30, 0, 3600,
-							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
-
-	DefineCustomIntVariable("storyboard_worker.rabbit_prefetch",
-							"Unacknowledged deliveries the broker may send each consumer.",
-							NULL,
-							&sbw_rabbit_prefetch, 100, 1, 65535,
-							PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	DefineCustomEnumVariable("storyboard_worker.rabbit_queue_type",
-							 "Type of the event queue declared: classic (StoryBoard's) or quorum.",
-							 NULL,
-							 &sbw_rabbit_queue_type, SBW_QUEUE_CLASSIC,
-							 queue_type_options,
-							 PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	DefineCustomBoolVariable("storyboard_worker.rabbit_use_ssl",
-							 "Connect to RabbitMQ over TLS.",
-							 NULL,
-							 &sbw_rabbit_use_ssl, false,
-							 PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	DefineCustomStringVariable("storyboard_worker.rabbit_ssl_ca_file",
-							   "Certificate authority file to verify the broker with.",
-							   NULL,
-							   &sbw_rabbit_ssl_ca_file, "",
-							   PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	DefineCustomStringVariable("storyboard_worker.rabbit_ssl_cert_file",
-							   "Client certificate file presented to the broker.",
-							   NULL,
-							   &sbw_rabbit_ssl_cert_file, "",
-							   PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	DefineCustomStringVariable("storyboard_worker.rabbit_ssl_key_file",
-							   "Private key of the client certificate.",
-							   NULL,
-							   &sbw_rabbit_ssl_key_file, "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
-
-	DefineCustomBoolVariable("storyboard_worker.rabbit_ssl_verify_peer",
-							 "Verify the broker's certificate and host name.",
-							 NULL,
-							 &sbw_rabbit_ssl_verify_peer, true,
-							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	sbw_define_broker_gucs();
 
 	DefineCustomIntVariable("storyboard_worker.max_message_bytes",
 							"Largest message body decoded; larger ones are dead-lettered.",

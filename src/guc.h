@@ -14,22 +14,7 @@
 extern bool sbw_enable_notifications;
 extern char *sbw_database;
 extern int	sbw_worker_count;
-extern char *sbw_rabbit_host;
-extern int	sbw_rabbit_port;
-extern char *sbw_rabbit_userid;
-extern char *sbw_rabbit_password;
-extern char *sbw_rabbit_virtual_host;
-extern char *sbw_rabbit_exchange_name;
-extern char *sbw_rabbit_event_queue_name;
 extern int	sbw_rabbit_retry_delay;
-extern int	sbw_rabbit_heartbeat;
-extern int	sbw_rabbit_prefetch;
-extern int	sbw_rabbit_queue_type;
-extern bool sbw_rabbit_use_ssl;
-extern char *sbw_rabbit_ssl_ca_file;
-extern char *sbw_rabbit_ssl_cert_file;
-extern char *sbw_rabbit_ssl_key_file;
-extern bool sbw_rabbit_ssl_verify_peer;
 extern int	sbw_max_message_bytes;
 extern int	sbw_max_retries;
 extern int	sbw_max_redeliveries;
@@ -65,12 +50,6 @@ typedef enum SbwSmtpTls
 	SBW_SMTP_TLS_STARTTLS,
 	SBW_SMTP_TLS_IMPLICIT
 } SbwSmtpTls;
-
-typedef enum SbwQueueType
-{
-	SBW_QUEUE_CLASSIC,
-	SBW_QUEUE_QUORUM
-} SbwQueueType;
 
 extern void sbw_define_gucs(void);
 extern void sbw_install_log_redaction(void);

@@ -22,11 +22,16 @@
 
 #include "extension.h"
 #include "render.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(sbw_render_template);
 
 /* The longest placeholder name looked at. */
 #define SBW_MAX_NAME	128
+
+/* HTML's special characters and their entities. */
+static const char sbw_html_special[] = "&<>\"'";
+static const char *const sbw_html_entities[] = {"&amp;", "&lt;", "&gt;", "&quot;", "&#39;"};
 
 /* Append s, escaped for HTML when asked. */
 static void
@@ -41,26 +46,13 @@ sbw_append_value(StringInfo out, const char *s, int len, bool html)
 	}
 	for (i = 0; i < len; i++)
 	{
-		switch (s[i])
-		{
-			case '&':
-				appendStringInfoString(out, "&amp;");
-				break;
-			case '<':
-				appendStringInfoString(out, "&lt;");
-				break;
-			case '>':
-				appendStringInfoString(out, "&gt;");
-				break;
-			case '"':
-				appendStringInfoString(out, "&quot;");
-				break;
-			case '\'':
-				appendStringInfoString(out, "&#39;");
-				break;
-			default:
-				appendStringInfoChar(out, s[i]);
-		}
+		const char *entity = sbw_escape_of((unsigned char) s[i], sbw_html_special,
+										   sbw_html_entities);
+
+		if (entity)
+			appendStringInfoString(out, entity);
+		else
+			appendStringInfoChar(out, s[i]);
 	}
 }
 

@@ -65,12 +65,25 @@ typedef struct SbwMailerSlot
 	TimestampTz last_error_at;
 } SbwMailerSlot;
 
+/* The broker's queue depth, as consumer 0 last measured it (queue_depth.c). */
+typedef struct SbwQueueDepth
+{
+	slock_t		mutex;
+	int64		messages;		/* ready, not yet delivered to a consumer */
+	int32		consumers;
+	TimestampTz checked_at;		/* 0 = unknown */
+} SbwQueueDepth;
+
+/* A measurement older than this is not shown (consumer 0 is not connected). */
+#define SBW_QUEUE_DEPTH_STALE_MS	30000
+
 typedef struct SbwShared
 {
 	int			launcher_pid;
 	SbwMailerSlot mailer;
 	/* when a consumer last flushed the WAL for its acknowledgements (acks.c) */
 	pg_atomic_uint64 last_ack_flush;
+	SbwQueueDepth queue_depth;	/* consumer 0's last passive queue.declare */
 	SbwWorkerSlot slots[SBW_MAX_WORKERS];
 } SbwShared;
 
@@ -107,6 +120,7 @@ sbw_shmem_init(void)
 		memset(sbw_shared, 0, sizeof(SbwShared));
 		pg_atomic_init_u64(&sbw_shared->last_ack_flush, 0);
 		SpinLockInit(&sbw_shared->mailer.mutex);
+		SpinLockInit(&sbw_shared->queue_depth.mutex);
 		for (i = 0; i < SBW_MAX_WORKERS; i++)
 			SpinLockInit(&sbw_shared->slots[i].mutex);
 	}
@@ -125,6 +139,35 @@ pg_atomic_uint64 *
 sbw_ack_flush_clock(void)
 {
 	return &sbw_shared->last_ack_flush;
+}
+
+/* See stats.h: consumer 0's measurement, or 0, 0, 0 to forget it. */
+void
+sbw_queue_depth_store(int64 messages, int32 consumers, TimestampTz at)
+{
+	SbwQueueDepth *qd = &sbw_shared->queue_depth;
+
+	SpinLockAcquire(&qd->mutex);
+	qd->messages = messages;
+	qd->consumers = consumers;
+	qd->checked_at = at;
+	SpinLockRelease(&qd->mutex);
+}
+
+/* See stats.h. */
+bool
+sbw_queue_depth_read(int64 *messages, int32 *consumers, TimestampTz *checked_at)
+{
+	SbwQueueDepth *qd = &sbw_shared->queue_depth;
+
+	SpinLockAcquire(&qd->mutex);
+	*messages = qd->messages;
+	*consumers = qd->consumers;
+	*checked_at = qd->checked_at;
+	SpinLockRelease(&qd->mutex);
+	return *checked_at != 0 &&
+		!TimestampDifferenceExceeds(*checked_at, GetCurrentTimestamp(),
+									SBW_QUEUE_DEPTH_STALE_MS);
 }
 
 /* Forget the launcher's pid when it exits, however it exits. */
@@ -410,10 +453,13 @@ sbw_worker_stats(PG_FUNCTION_ARGS)
 	{
 		SbwWorkerSlot *slot = &sbw_shared->slots[i];
 		SbwWorkerSlot copy;
-		Datum		values[16];
-		bool		nulls[16];
+		Datum		values[19];
+		bool		nulls[19];
 		double		p50,
 					p99;
+		int64		qmessages;
+		int32		qconsumers;
+		TimestampTz qchecked;
 
 		SpinLockAcquire(&slot->mutex);
 		memcpy(&copy, slot, sizeof(copy));
@@ -453,10 +499,16 @@ sbw_worker_stats(PG_FUNCTION_ARGS)
 		nulls[14] = p50 < 0;
 		values[15] = Float8GetDatum(p99);
 		nulls[15] = p99 < 0;
+		nulls[16] = nulls[17] = nulls[18] =
+			!sbw_queue_depth_read(&qmessages, &qconsumers, &qchecked);
+		values[16] = Int64GetDatum(qmessages);
+		values[17] = Int32GetDatum(qconsumers);
+		values[18] = TimestampTzGetDatum(qchecked);
 
 		/*
 		 * The SQL of 1.0 declares 11 columns, 1.1 and 1.2 add duplicates,
-		 * 1.3 the acknowledgements: fill what the declaration has.
+		 * 1.3 the acknowledgements, 1.5 the queue depth: fill what the
+		 * declaration has.
 		 */
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}

@@ -54,6 +54,14 @@ extern int	sbw_ack_wait_bucket(int64 us);
  */
 extern pg_atomic_uint64 *sbw_ack_flush_clock(void);
 
+/*
+ * The broker's queue depth (queue_depth.c measures it): store a
+ * measurement (0, 0, 0 forgets it); read it, false when unknown or stale.
+ */
+extern void sbw_queue_depth_store(int64 messages, int32 consumers, TimestampTz at);
+extern bool sbw_queue_depth_read(int64 *messages, int32 *consumers,
+								 TimestampTz *checked_at);
+
 /* ---- the launcher ---- */
 /* Record this process as the launcher until it exits. */
 extern void sbw_launcher_attach(void);

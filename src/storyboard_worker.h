@@ -17,7 +17,8 @@
  *	stats.c				shared memory (layouts private to it), the stats view,
  *						mailer_status()
  *	subscription.c		the built-in "subscription" plugin
- *	acks.c, ledger.c, scope.c, namecache.c, util.c, extension.c	(see their headers)
+ *	acks.c, ledger.c, scope.c, namecache.c, util.c, extension.c, broker.c,
+ *	amqp_tls.c, queue_depth.c	(see their headers)
  *	email.c, render.c	the built-in "email" plugin and its templates
  *	mailer.c, smtp.c	the mailer worker and one mail over SMTP
  *	compat.h			where PostgreSQL 15, 17 and 18 differ
@@ -36,7 +37,7 @@
  * stay idle until ALTER EXTENSION storyboard_worker UPDATE brings an older
  * install to it (they need its tables: the redelivery count, the ledger).
  */
-#define SBW_EXTENSION_VERSION	"1.4"
+#define SBW_EXTENSION_VERSION	"1.5"
 
 /*
  * SQLSTATE a plugin raises to ask for a retry later ("not yet"), e.g. when

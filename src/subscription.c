@@ -80,6 +80,8 @@
 #include "namecache.h"
 #include "scope.h"
 #include "storyboard_worker.h"
+#include "util.h"
+#include "event_decode.h"
 #include "extension.h"
 
 PG_FUNCTION_INFO_V1(sbw_subscription_handler);
@@ -87,15 +89,7 @@ PG_FUNCTION_INFO_V1(sbw_subscription_handler);
 /* The fields of storyboard_worker.event this plugin looks at. */
 typedef struct SbwSubEvent
 {
-	char	   *method;
-	char	   *resource;
-	bool		has_resource_id;
-	int64		resource_id;
-	char	   *sub_resource;
-	bool		has_sub_resource_id;
-	int64		sub_resource_id;
-	bool		has_author_id;
-	int64		author_id;
+	SbwEvent	msg;			/* method, resource, sub_resource, ids */
 	Jsonb	   *resource_after;
 } SbwSubEvent;
 
@@ -601,6 +595,20 @@ sbw_not_visible_yet(int64 event_id)
 }
 
 /*
+ * The value of key in a JSON object: false when obj is not an object, or
+ * the key is missing or JSON null.
+ */
+static bool
+sbw_jsonb_get(Jsonb *obj, const char *key, JsonbValue *v)
+{
+	if (obj == NULL || !JB_ROOT_IS_OBJECT(obj))
+		return false;
+	if (getKeyJsonValueFromContainer(&obj->root, key, strlen(key), v) == NULL)
+		return false;
+	return v->type != jbvNull;
+}
+
+/*
  * Fetch key from a JSON object as an int64.  Returns false when the key is
  * missing or JSON null.  StoryBoard's ids are JSON integers; a string of
  * digits is accepted too, anything else is an error.
@@ -612,15 +620,10 @@ sbw_jsonb_int8(Jsonb *obj, const char *key, int64 *out)
 	char	   *s;
 	char	   *end;
 
-	if (obj == NULL || !JB_ROOT_IS_OBJECT(obj))
+	if (!sbw_jsonb_get(obj, key, &v))
 		return false;
-	if (getKeyJsonValueFromContainer(&obj->root, key, strlen(key), &v) == NULL)
-		return false;
-
 	switch (v.type)
 	{
-		case jbvNull:
-			return false;
 		case jbvNumeric:
 			s = DatumGetCString(DirectFunctionCall1(numeric_out,
 													NumericGetDatum(v.val.numeric)));
@@ -656,15 +659,10 @@ sbw_jsonb_text(Jsonb *obj, const char *key)
 {
 	JsonbValue	v;
 
-	if (obj == NULL || !JB_ROOT_IS_OBJECT(obj))
+	if (!sbw_jsonb_get(obj, key, &v))
 		return NULL;
-	if (getKeyJsonValueFromContainer(&obj->root, key, strlen(key), &v) == NULL)
-		return NULL;
-
 	switch (v.type)
 	{
-		case jbvNull:
-			return NULL;
 		case jbvString:
 			return pnstrdup(v.val.string.val, v.val.string.len);
 		case jbvNumeric:
@@ -678,6 +676,10 @@ sbw_jsonb_text(Jsonb *obj, const char *key)
 			return NULL;
 	}
 }
+
+/* The characters json.dumps() escapes with a backslash, and how. */
+static const char sbw_json_special[] = "\"\\\b\f\n\r\t";
+static const char *const sbw_json_escapes[] = {"\\\"", "\\\\", "\\b", "\\f", "\\n", "\\r", "\\t"};
 
 /*
  * Append s (server encoding) as a JSON string exactly as Python 3's
@@ -701,6 +703,7 @@ sbw_append_py_json_string(StringInfo buf, const char *s)
 	{
 		pg_wchar	c;
 		int			len;
+		const char *esc;
 
 		if (*p < 0x80)
 		{
@@ -721,43 +724,20 @@ sbw_append_py_json_string(StringInfo buf, const char *s)
 		}
 		p += len;
 
-		switch (c)
+		esc = sbw_escape_of(c < 0x80 ? (int) c : 0, sbw_json_special, sbw_json_escapes);
+		if (esc)
+			appendStringInfoString(buf, esc);
+		else if (c >= 0x20 && c <= 0x7e)
+			appendStringInfoChar(buf, (char) c);
+		else if (c > 0xffff)
 		{
-			case '"':
-				appendStringInfoString(buf, "\\\"");
-				break;
-			case '\\':
-				appendStringInfoString(buf, "\\\\");
-				break;
-			case '\b':
-				appendStringInfoString(buf, "\\b");
-				break;
-			case '\f':
-				appendStringInfoString(buf, "\\f");
-				break;
-			case '\n':
-				appendStringInfoString(buf, "\\n");
-				break;
-			case '\r':
-				appendStringInfoString(buf, "\\r");
-				break;
-			case '\t':
-				appendStringInfoString(buf, "\\t");
-				break;
-			default:
-				if (c >= 0x20 && c <= 0x7e)
-					appendStringInfoChar(buf, (char) c);
-				else if (c > 0xffff)
-				{
-					c -= 0x10000;
-					appendStringInfo(buf, "\\u%04x\\u%04x",
-									 (unsigned int) (0xd800 | (c >> 10)),
-									 (unsigned int) (0xdc00 | (c & 0x3ff)));
-				}
-				else
-					appendStringInfo(buf, "\\u%04x", (unsigned int) c);
-				break;
+			c -= 0x10000;
+			appendStringInfo(buf, "\\u%04x\\u%04x",
+							 (unsigned int) (0xd800 | (c >> 10)),
+							 (unsigned int) (0xdc00 | (c & 0x3ff)));
 		}
+		else
+			appendStringInfo(buf, "\\u%04x", (unsigned int) c);
 	}
 	appendStringInfoChar(buf, '"');
 }
@@ -868,12 +848,12 @@ sbw_handle_timeline_event(SbwSubEvent *ev)
 
 	if (!sbw_jsonb_int8(after, "id", &event_id))
 	{
-		if (!ev->has_resource_id)
+		if (!ev->msg.has_resource_id)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("timeline_event message names no events row"),
 					 errdetail("Neither resource_after.id nor resource_id is set.")));
-		event_id = ev->resource_id;
+		event_id = ev->msg.resource_id;
 	}
 
 	event_type = sbw_jsonb_text(after, "event_type");
@@ -903,8 +883,8 @@ sbw_handle_timeline_event(SbwSubEvent *ev)
 		values[4] = CStringGetTextDatum(event_info);
 	else
 		nulls[4] = 'n';
-	values[5] = Int64GetDatum(ev->author_id);
-	if (!ev->has_author_id)
+	values[5] = Int64GetDatum(ev->msg.author_id);
+	if (!ev->msg.has_author_id)
 		nulls[5] = 'n';
 	values[6] = sbw_created_at_value();
 
@@ -933,14 +913,14 @@ sbw_handle_timeline_event(SbwSubEvent *ev)
 static void
 sbw_handle_project_group(SbwSubEvent *ev)
 {
-	bool		is_delete = (ev->method && strcmp(ev->method, "DELETE") == 0);
+	bool		is_delete = (ev->msg.method && strcmp(ev->msg.method, "DELETE") == 0);
 	const char *event_type;
 	StringInfoData info;
 	char		idbuf[32];
 	Datum		values[5];
 	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
 
-	if (ev->has_sub_resource_id)
+	if (ev->msg.has_sub_resource_id)
 		event_type = is_delete ? "project removed from project_group"
 			: "project added to project_group";
 	else if (is_delete)
@@ -949,26 +929,26 @@ sbw_handle_project_group(SbwSubEvent *ev)
 		return;					/* any other project_group POST or PUT */
 
 	/* No group id: StoryBoard finds no subscriber either. */
-	if (!ev->has_resource_id)
+	if (!ev->msg.has_resource_id)
 		return;
 
 	initStringInfo(&info);
 	appendStringInfoString(&info, "{\"project_group_id\": ");
-	snprintf(idbuf, sizeof(idbuf), INT64_FORMAT, ev->resource_id);
+	snprintf(idbuf, sizeof(idbuf), INT64_FORMAT, ev->msg.resource_id);
 	sbw_append_py_json_string(&info, idbuf);
-	if (ev->has_sub_resource_id)
+	if (ev->msg.has_sub_resource_id)
 	{
 		appendStringInfoString(&info, ", \"project_id\": ");
-		snprintf(idbuf, sizeof(idbuf), INT64_FORMAT, ev->sub_resource_id);
+		snprintf(idbuf, sizeof(idbuf), INT64_FORMAT, ev->msg.sub_resource_id);
 		sbw_append_py_json_string(&info, idbuf);
 	}
 	appendStringInfoChar(&info, '}');
 
-	values[0] = Int64GetDatum(ev->resource_id);
+	values[0] = Int64GetDatum(ev->msg.resource_id);
 	values[1] = CStringGetTextDatum(event_type);
 	values[2] = CStringGetTextDatum(info.data);
-	values[3] = Int64GetDatum(ev->author_id);
-	if (!ev->has_author_id)
+	values[3] = Int64GetDatum(ev->msg.author_id);
+	if (!ev->msg.has_author_id)
 		nulls[3] = 'n';
 	values[4] = sbw_created_at_value();
 
@@ -992,19 +972,19 @@ sbw_handle_deletion(SbwSubEvent *ev)
 	Datum		values[2];
 	int			i;
 
-	if (ev->resource == NULL || !ev->has_resource_id)
+	if (ev->msg.resource == NULL || !ev->msg.has_resource_id)
 		return;
 	for (i = 0; targets[i] != NULL; i++)
-		if (strcmp(ev->resource, targets[i]) == 0)
+		if (strcmp(ev->msg.resource, targets[i]) == 0)
 			break;
 	if (targets[i] == NULL)
 		return;
 
-	values[0] = CStringGetTextDatum(ev->resource);
-	values[1] = Int64GetDatum(ev->resource_id);
+	values[0] = CStringGetTextDatum(ev->msg.resource);
+	values[1] = Int64GetDatum(ev->msg.resource_id);
 	sbw_execute(&sbw_deletion_plan, values, NULL, SPI_OK_DELETE);
 	elog(DEBUG1, "subscription: DELETE %s " INT64_FORMAT ": " UINT64_FORMAT " subscriptions removed",
-		 ev->resource, ev->resource_id, SPI_processed);
+		 ev->msg.resource, ev->msg.resource_id, SPI_processed);
 }
 
 /* A text field of the event row, NULL when SQL NULL or empty. */
@@ -1049,30 +1029,30 @@ sbw_subscription_handler(PG_FUNCTION_ARGS)
 
 	sbw_require_current_version();
 	memset(&ev, 0, sizeof(ev));
-	ev.method = sbw_event_text(row, "method");
-	ev.resource = sbw_event_text(row, "resource");
-	ev.sub_resource = sbw_event_text(row, "sub_resource");
-	ev.has_resource_id = sbw_event_int8(row, "resource_id", &ev.resource_id);
-	ev.has_sub_resource_id = sbw_event_int8(row, "sub_resource_id",
-											&ev.sub_resource_id);
-	ev.has_author_id = sbw_event_int8(row, "author_id", &ev.author_id);
+	ev.msg.method = sbw_event_text(row, "method");
+	ev.msg.resource = sbw_event_text(row, "resource");
+	ev.msg.sub_resource = sbw_event_text(row, "sub_resource");
+	ev.msg.has_resource_id = sbw_event_int8(row, "resource_id", &ev.msg.resource_id);
+	ev.msg.has_sub_resource_id = sbw_event_int8(row, "sub_resource_id",
+											&ev.msg.sub_resource_id);
+	ev.msg.has_author_id = sbw_event_int8(row, "author_id", &ev.msg.author_id);
 	d = GetAttributeByName(row, "resource_after", &isnull);
 	ev.resource_after = isnull ? NULL : DatumGetJsonbP(d);
 
-	if (ev.resource == NULL)
+	if (ev.msg.resource == NULL)
 		PG_RETURN_VOID();
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "subscription plugin: SPI_connect failed");
 
-	if (strcmp(ev.resource, "timeline_event") == 0)
+	if (strcmp(ev.msg.resource, "timeline_event") == 0)
 		sbw_handle_timeline_event(&ev);
-	else if (strcmp(ev.resource, "project_group") == 0)
+	else if (strcmp(ev.msg.resource, "project_group") == 0)
 		sbw_handle_project_group(&ev);
 
 	/* For any resource: a DELETE of the resource itself. */
-	if (ev.method && strcmp(ev.method, "DELETE") == 0 &&
-		!ev.has_sub_resource_id && ev.sub_resource == NULL)
+	if (ev.msg.method && strcmp(ev.msg.method, "DELETE") == 0 &&
+		!ev.msg.has_sub_resource_id && ev.msg.sub_resource == NULL)
 		sbw_handle_deletion(&ev);
 
 	SPI_finish();

@@ -55,3 +55,12 @@ sbw_strlcpy_mb(char *dst, const char *src, size_t size)
 	memcpy(dst, src, len);
 	dst[len] = '\0';
 }
+
+/* See util.h: one lookup for the HTML and the JSON escapes. */
+const char *
+sbw_escape_of(int c, const char *from, const char *const *to)
+{
+	const char *hit = (c > 0 && c < 256) ? strchr(from, c) : NULL;
+
+	return hit ? to[hit - from] : NULL;
+}

@@ -1,6 +1,9 @@
 """Faults: the broker going away (stopped or SIGKILLed), wrong credentials,
-PostgreSQL shutting down with events in flight, the database missing at start."""
+PostgreSQL shutting down with events in flight, the database missing at start,
+a broker that never answers the TCP connect."""
 
+import contextlib
+import socket
 import time
 
 import sbw
@@ -168,3 +171,60 @@ def test_database_missing_at_start(cluster, services, pglog, metrics):
         cluster.dirty = True
         cluster.wait_consuming(timeout=60)
         cluster.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % late, db="postgres")
+
+
+@contextlib.contextmanager
+def _silent_listener():
+    """A port whose SYNs go unanswered: a listener that never accepts, its accept queue
+    filled, so that Linux drops further SYNs and a connect() waits until it times out."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.setblocking(False)
+            c.connect_ex(srv.getsockname())
+            fillers.append(c)
+        time.sleep(0.3)
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(srv.getsockname())
+            raise AssertionError("the listener still accepts connections")
+        except socket.timeout:
+            pass
+        finally:
+            probe.close()
+        yield srv.getsockname()[1]
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()
+
+
+def test_connect_to_a_silent_broker_is_interruptible(cluster, services, pglog, metrics):
+    """The TCP connect waits on the latch: SIGTERM ends a consumer stuck in it at once, not
+    after the 10 s connect timeout; and the timeout bounds it, with a message saying so."""
+    with _silent_listener() as port:
+        mark = pglog.mark()
+        since = cluster.one("SELECT clock_timestamp()")
+        cluster.set_gucs(rabbit_port=port)
+        st = wait_for(lambda: (s := cluster.stats()) and all(x["state"] == "connecting" for x in s) and s,
+                      30, "every consumer connecting (stats: %r)" % cluster.stats())
+        time.sleep(1)   # well inside the connect
+        victim = st[0]["pid"]
+        t = time.time()
+        cluster.execute("SELECT pg_terminate_backend(%s)", (victim,), db="postgres")
+        wait_for(lambda: victim not in cluster.consumer_pids(), 10, "consumer %d gone" % victim)
+        gone_secs = time.time() - t
+        assert gone_secs < 3, "a consumer in connect() took %.1fs to exit on SIGTERM" % gone_secs
+        err = wait_for(lambda: (s := cluster.stats()) and [x["last_error"] for x in s
+                                                              if x["last_error_at"] and x["last_error_at"] > since],
+                       30, "a connect timeout in stats (%r)" % cluster.stats())
+        assert all("could not connect to 127.0.0.1:%d: timed out after 10000 ms" % port in e for e in err), err
+        assert not pglog.crashes(mark), pglog.crashes(mark)
+        metrics.add("silent broker", "SIGTERM in connect: gone in %.2fs; then: %s" % (gone_secs, err[0]))
+    cluster.restore_gucs()
+    cluster.wait_consuming(timeout=60)

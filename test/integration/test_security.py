@@ -280,7 +280,8 @@ def test_non_owner_cannot_manage_or_read(cluster, services, intruder, metrics):
                                        "messages_received", "messages_processed", "messages_dead_lettered",
                                        "messages_redelivered", "last_error", "last_error_at",
                                        "messages_duplicates", "messages_acked", "acks_pending",
-                                       "ack_wait_p50_ms", "ack_wait_p99_ms"], cols
+                                       "ack_wait_p50_ms", "ack_wait_p99_ms",
+                                       "queue_messages", "queue_consumers", "queue_checked_at"], cols
     st = _as(intruder, "SELECT broker, last_error FROM storyboard_worker.stats")
     assert st[0] == "ok" and st[1], st
     assert all(r[0] in (None, "127.0.0.1:%d" % services.amqp_port) for r in st[1]), st
