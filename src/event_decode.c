@@ -117,26 +117,25 @@ typedef struct SbwGate
 	char	   *too_big;		/* first integer beyond 64 bits, a message */
 } SbwGate;
 
-/* Errors of PostgreSQL's parser: wording, and whether the token is shown */
+/* Errors of PostgreSQL's parser: wording, followed by the token (gate_error) */
 static const struct
 {
 	JsonParseErrorType code;
 	const char *what;
-	bool		token;
 }			sbw_json_errors[] = {
-	{JSON_INVALID_TOKEN, "invalid token", true},
-	{JSON_EXPECTED_JSON, "expected a JSON value, found", true},
-	{JSON_EXPECTED_ARRAY_FIRST, "expected a JSON value or \"]\", found", true},
-	{JSON_EXPECTED_ARRAY_NEXT, "expected \",\" or \"]\", found", true},
-	{JSON_EXPECTED_STRING, "expected a string key, found", true},
-	{JSON_EXPECTED_OBJECT_FIRST, "expected a string key or \"}\", found", true},
-	{JSON_EXPECTED_COLON, "expected \":\" after an object key, found", true},
-	{JSON_EXPECTED_OBJECT_NEXT, "expected \",\" or \"}\", found", true},
-	{JSON_ESCAPING_INVALID, "invalid escape inside a string:", true},
-	{JSON_ESCAPING_REQUIRED, "control character not escaped inside a string:", true},
-	{JSON_EXPECTED_END, "unexpected data after the top-level value", false},
-	{JSON_EXPECTED_MORE, "unexpected end of input", false},
-	{JSON_UNICODE_ESCAPE_FORMAT, "invalid \\u escape (4 hex digits expected) inside a string", false}
+	{JSON_INVALID_TOKEN, "invalid token"},
+	{JSON_EXPECTED_JSON, "expected a JSON value, found"},
+	{JSON_EXPECTED_ARRAY_FIRST, "expected a JSON value or \"]\", found"},
+	{JSON_EXPECTED_ARRAY_NEXT, "expected \",\" or \"]\", found"},
+	{JSON_EXPECTED_STRING, "expected a string key, found"},
+	{JSON_EXPECTED_OBJECT_FIRST, "expected a string key or \"}\", found"},
+	{JSON_EXPECTED_COLON, "expected \":\" after an object key, found"},
+	{JSON_EXPECTED_OBJECT_NEXT, "expected \",\" or \"}\", found"},
+	{JSON_ESCAPING_INVALID, "invalid escape inside a string:"},
+	{JSON_ESCAPING_REQUIRED, "control character not escaped inside a string:"},
+	{JSON_EXPECTED_END, "unexpected data after the top-level value"},
+	{JSON_EXPECTED_MORE, "unexpected end of input"},
+	{JSON_UNICODE_ESCAPE_FORMAT, "invalid \\u escape (4 hex digits expected) inside a string"}
 };
 
 /*
@@ -342,7 +341,8 @@ gate_error(JsonParseErrorType err, JsonLexContext *lex, size_t len,
 		if (sbw_json_errors[i].code != err)
 			continue;
 		what = sbw_json_errors[i].what;
-		if (sbw_json_errors[i].token)
+		if (err != JSON_EXPECTED_END && err != JSON_EXPECTED_MORE &&	/* no token */
+			err != JSON_UNICODE_ESCAPE_FORMAT)
 		{
 			token[0] = ' ';
 			put_for_message(token + 1, lex->input + at, end - at, true);
