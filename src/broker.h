@@ -6,7 +6,7 @@
  * guc.c binds each rabbit_* setting to a field of sbw_broker; the consumer
  * copies it before a reload and compares the copy with it after (a change
  * means reconnecting); the link (amqp_link.c) connects with it.  A new setting
- * is a new field here and a DefineCustom*Variable in guc.c, nothing else.
+ * is a new field here and a row of one of guc.c's tables, nothing else.
  *
  *-------------------------------------------------------------------------
  */

@@ -85,14 +85,12 @@ static SbwStmt forget_stmt = SBW_STMT(
 	" WHERE message_key OPERATOR(pg_catalog.=) $1",
 	1, UUIDOID);
 
-static SbwStmt prune_ledger_stmt = SBW_STMT(
-	"DELETE FROM storyboard_worker.ledger"
+/* Both prunes in one round trip; the count returned is the ledger's. */
+static SbwStmt prune_stmt = SBW_STMT(
+	"WITH counts AS (DELETE FROM storyboard_worker.redeliveries"
+	"                 WHERE last_at OPERATOR(pg_catalog.<) $1)"
+	" DELETE FROM storyboard_worker.ledger"
 	" WHERE processed_at OPERATOR(pg_catalog.<) $1",
-	1, TIMESTAMPTZOID);
-
-static SbwStmt prune_redeliveries_stmt = SBW_STMT(
-	"DELETE FROM storyboard_worker.redeliveries"
-	" WHERE last_at OPERATOR(pg_catalog.<) $1",
 	1, TIMESTAMPTZOID);
 
 /*
@@ -242,15 +240,11 @@ uint64
 sbw_ledger_prune(TimestampTz cutoff)
 {
 	Datum		values[1] = {TimestampTzGetDatum(cutoff)};
-	uint64		n;
 	SbwLedgerTables tables = sbw_ledger_tables();
 
-	if (!tables.ledger)
+	/* both tables exist whenever a consumer runs: it waits for the update */
+	if (!tables.ledger || !tables.redeliveries)
 		return 0;
-	(void) sbw_stmt_execute(&prune_ledger_stmt, values, NULL, false, 0, SPI_OK_DELETE);
-	n = SPI_processed;
-	if (tables.redeliveries)
-		(void) sbw_stmt_execute(&prune_redeliveries_stmt, values, NULL, false, 0,
-								SPI_OK_DELETE);
-	return n;
+	(void) sbw_stmt_execute(&prune_stmt, values, NULL, false, 0, SPI_OK_DELETE);
+	return SPI_processed;
 }
