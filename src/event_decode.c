@@ -8,15 +8,14 @@
  *
  * There is no JSON grammar of our own.  A body goes through, in order:
  * 1. PostgreSQL's UTF-8 verifier: the rules of text and jsonb.
- * 2. A bound on the nesting depth, counted on the raw bytes: PostgreSQL's
- *    parser recurses without a limit in a frontend build (the unit test,
- *    the fuzzer) and would throw from check_stack_depth() in the server.
- * 3. PostgreSQL's strict RFC 8259 parser (common/jsonapi.h), de-escaping
+ * 2. PostgreSQL's strict RFC 8259 parser (common/jsonapi.h), de-escaping
  *    when there is a \u escape, so that it refuses \u0000 and lone
- *    surrogates as text and jsonb do.
- *    Its scalar action checks that integers fit json-c's 64 bits (json-c
- *    clamps bigger ones without a word).
- * 4. json-c, which builds the values (a duplicate key: the last one wins,
+ *    surrogates as text and jsonb do.  It reads only up to a bracket beyond
+ *    the nesting bound, found on the raw bytes first: it recurses without a
+ *    limit in a frontend build (unit test, fuzzer) and would throw from
+ *    check_stack_depth() in the server.  Its scalar action checks that
+ *    integers fit json-c's 64 bits (json-c clamps bigger ones silently).
+ * 3. json-c, which builds the values (a duplicate key: the last one wins,
  *    as in Python's json.loads for StoryBoard, and in jsonb); then the 12
  *    keys' rules.  numeric's range is jsonb_in's: see has_decimal_number.
  *
@@ -44,8 +43,7 @@
 /* Whatever max_message_bytes says: palloc's limit, and int lengths */
 #define SBW_HARD_MAX_BYTES		(MaxAllocSize - 1)
 
-/* Bytes of a value quoted in messages; room for one quoted, for a message */
-#define SBW_MSG_QUOTE_BYTES		40
+#define SBW_MSG_QUOTE_BYTES		40	/* bytes of a value quoted in a message */
 #define SBW_QUOTED_BYTES		(6 * SBW_MSG_QUOTE_BYTES + 8)
 #define SBW_MSG_BYTES			(2 * SBW_QUOTED_BYTES + 200)
 
@@ -109,7 +107,7 @@ static const char *const sbw_resource_names[] = {
 	"due_date", "event", "comment"
 };
 
-/* State of the scalar action of PostgreSQL's parser (phase 3). */
+/* State of the scalar action of PostgreSQL's parser (phase 2). */
 typedef struct SbwGate
 {
 	JsonLexContext *lex;
@@ -142,7 +140,7 @@ static const struct
  * Write s[0..n) for a message into out (SBW_QUOTED_BYTES), quoted or not,
  * cut short with "..." outside any UTF-8 character.  Control characters
  * would break the log line or the dead-letter row: they are shown as
- * \u00XX.  No palloc: json-c's objects may be alive (phase 4).
+ * \u00XX.  No palloc: json-c's objects may be alive (phase 3).
  */
 static void
 put_for_message(char *out, const char *s, size_t n, bool quoted)
@@ -226,18 +224,15 @@ check_utf8(const char *body, size_t len, char **errmsg, int *sqlstate)
 }
 
 /*
- * Bound the nesting before any parser recurses into it.  Brackets inside
- * strings (up to the closing quote, escapes stepped over) do not count.
- * Exact for valid JSON; invalid JSON is refused either way.  On the way,
- * note a \u escape: only those can be \u0000 or a lone surrogate, which
- * PostgreSQL's parser finds only while de-escaping, a copy of every string
- * that most of StoryBoard's bodies can do without.  A backslash before a
- * NUL byte counts too: without de-escaping, PostgreSQL 15's lexer takes
- * it for a valid escape (strchr finds the terminator).
+ * Where the nesting goes beyond the bound (len: nowhere); brackets inside
+ * strings do not count.  On the way, note a \u escape: only those can be
+ * \u0000 or a lone surrogate, which PostgreSQL's parser finds only while
+ * de-escaping, a copy of every string most bodies can do without; and a
+ * backslash before a NUL byte, which PostgreSQL 15's lexer takes for a
+ * valid escape unless it de-escapes (strchr finds the terminator).
  */
-static bool
-check_depth(const char *body, size_t len, bool *u_escape,
-			char **errmsg, int *sqlstate)
+static size_t
+depth_limit_at(const char *body, size_t len, bool *u_escape)
 {
 	int			depth = 0;
 	bool		in_string = false;
@@ -259,21 +254,15 @@ check_depth(const char *body, size_t len, bool *u_escape,
 		else if (c == ']' || c == '}')
 			depth--;
 		else if ((c == '[' || c == '{') && ++depth > SBW_JSON_MAX_DEPTH)
-		{
-			*errmsg = psprintf("JSON nesting deeper than %d levels at byte offset %zu",
-							   SBW_JSON_MAX_DEPTH, i);
-			*sqlstate = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
-			return false;
-		}
+			return i;
 	}
-	return true;
+	return len;
 }
 
 /*
- * json-c would clamp an integer beyond int64 (negative) or uint64 without
- * error: note the first, which ends at prev_token_terminator (the lexer
- * has moved on).  Note a fraction or exponent (has_decimal_number).  The
- * parser hands the token over, palloc'd.
+ * json-c would clamp an integer beyond int64 (negative) or uint64 silently:
+ * note the first, which ends at prev_token_terminator (the lexer has moved
+ * on), and a fraction or exponent (has_decimal_number).  Frees the token.
  */
 static SBW_JSON_ACTION
 gate_scalar(void *state, char *token, JsonTokenType tokentype)
@@ -353,16 +342,17 @@ gate_error(JsonParseErrorType err, JsonLexContext *lex, size_t len,
 }
 
 /*
- * The gate: PostgreSQL's parser.  Errors come out in this order: syntax,
- * the top-level type, then what text and jsonb cannot hold (the first in
- * the body: integer beyond 64 bits, \u0000, lone surrogate).  \u0000 and
- * surrogates stop the parser, so a second, syntax-only pass looks for a
- * syntax error behind them.  A memory context of its own, as the parser
- * does not free all it allocated on every error path.
+ * The gate: PostgreSQL's parser, on body[0..deep).  Errors come out in
+ * this order: syntax, nesting, the top-level type, then what text and
+ * jsonb cannot hold (the first in the body: integer beyond 64 bits,
+ * \u0000, lone surrogate).  \u0000 and surrogates stop the parser, so a
+ * second, syntax-only pass looks for a syntax error behind them.  A memory
+ * context of its own: the parser does not free all it allocated on every
+ * error path.
  */
 static bool
-check_json(const char *body, size_t len, bool u_escape, bool *has_decimal,
-		   char **errmsg, int *sqlstate)
+check_json(const char *body, size_t len, size_t deep, bool u_escape,
+		   bool *has_decimal, char **errmsg, int *sqlstate)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	MemoryContext scratch = AllocSetContextCreate(caller,
@@ -373,28 +363,36 @@ check_json(const char *body, size_t len, bool u_escape, bool *has_decimal,
 	JsonLexContext *lex2 = NULL;
 	JsonParseErrorType err;
 	JsonParseErrorType err2 = JSON_SUCCESS;
-	const char *top = body;
+	const char *top = body + strspn(body, " \t\n\r");	/* not all blank */
 
 	MemoryContextSwitchTo(scratch);
 	sem.semstate = &g;
 	sem.scalar = gate_scalar;
-	g.lex = sbw_json_lex_context(body, len, u_escape);
+	g.lex = sbw_json_lex_context(body, deep, u_escape);
 	err = pg_parse_json(g.lex, &sem);
 	if (SBW_IS_CONTENT_ERROR(err))
 	{
 		sem.scalar = NULL;
-		lex2 = sbw_json_lex_context(body, len, false);
+		lex2 = sbw_json_lex_context(body, deep, false);
 		err2 = pg_parse_json(lex2, &sem);
 	}
 	MemoryContextSwitchTo(caller);
+	if (deep < len && err == JSON_EXPECTED_MORE)
+		err = JSON_SUCCESS;		/* cut short at the nesting limit */
+	if (deep < len && err2 == JSON_EXPECTED_MORE)
+		err2 = JSON_SUCCESS;
 
-	while (SBW_IS_JSON_WS(*top))
-		top++;
 	*sqlstate = 0;
 	if (err2 != JSON_SUCCESS)
 		gate_error(err2, lex2, len, errmsg, sqlstate);
 	else if (err != JSON_SUCCESS && !SBW_IS_CONTENT_ERROR(err))
 		gate_error(err, g.lex, len, errmsg, sqlstate);
+	else if (deep < len)
+	{
+		*errmsg = psprintf("JSON nesting deeper than %d levels at byte offset %zu",
+						   SBW_JSON_MAX_DEPTH, deep);
+		*sqlstate = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
+	}
 	else if (*top != '{')
 	{
 		*errmsg = psprintf("message body is %s, not an object",
@@ -416,7 +414,7 @@ check_json(const char *body, size_t len, bool u_escape, bool *has_decimal,
 }
 
 /*
- * Phase 4: json-c.  While its objects are alive nothing may throw, so
+ * Phase 3: json-c.  While its objects are alive nothing may throw, so
  * messages go to a buffer of SBW_MSG_BYTES, and copies are made with
  * palloc_extended(MCXT_ALLOC_NO_OOM).  No copy is over MaxAllocSize:
  * json-c's texts are never longer than the body.
@@ -658,7 +656,7 @@ decode_values(const char *body, size_t len, SbwEvent *ev, char **errmsg,
 
 /*
  * sbw_decode_event: see event_decode.h.  Errors come out in this order:
- * size, UTF-8, nesting depth, then check_json's, then the keys' rules.
+ * size, UTF-8, then check_json's, then the keys' rules.
  */
 bool
 sbw_decode_event(const char *body, size_t len, size_t max_bytes,
@@ -666,14 +664,16 @@ sbw_decode_event(const char *body, size_t len, size_t max_bytes,
 {
 	bool		has_decimal = false;
 	bool		u_escape = false;
+	size_t		deep;
 
 	memset(ev, 0, sizeof(SbwEvent));
 	*errmsg = NULL;
 	*sqlstate = 0;
 	if (!check_length(body, len, max_bytes, errmsg, sqlstate) ||
-		!check_utf8(body, len, errmsg, sqlstate) ||
-		!check_depth(body, len, &u_escape, errmsg, sqlstate) ||
-		!check_json(body, len, u_escape, &has_decimal, errmsg, sqlstate) ||
+		!check_utf8(body, len, errmsg, sqlstate))
+		return false;
+	deep = depth_limit_at(body, len, &u_escape);
+	if (!check_json(body, len, deep, u_escape, &has_decimal, errmsg, sqlstate) ||
 		!decode_values(body, len, ev, errmsg, sqlstate))
 		return false;
 	ev->has_decimal_number = has_decimal;

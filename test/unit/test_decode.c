@@ -607,6 +607,17 @@ test_errors(void)
 				 "JSON nesting deeper than 64 levels at byte offset 86");
 	pfree(deep);
 
+	/* the first problem wins: a syntax error before the nesting bound ... */
+	expect_error("syntax error before too deep a nesting",
+				 "{\"url\":nul,\"x\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]}",
+				 ERRCODE_INVALID_TEXT_REPRESENTATION,
+				 "message body is not valid JSON: invalid token \"nul\" at byte offset 7");
+	/* ... and the nesting before a syntax error behind it */
+	expect_error("too deep a nesting before a syntax error",
+				 "{\"x\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]],\"url\":nul}",
+				 ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+				 "JSON nesting deeper than 64 levels at byte offset 68");
+
 	/* bracket characters inside strings do not count as nesting */
 	body = psprintf("{\"resource\":\"task\",\"x\":\"%0100d\"}", 0);
 	memset(strchr(body, '0'), '[', 100);
