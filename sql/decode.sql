@@ -37,7 +37,9 @@ INSERT INTO hostile (body) VALUES
  ('{"resource":"task","status":"two hundred"}'),
  ('{"resource":"task","method":"post"}'),
  ('{"resource":"task","sub_resource":7}'),
- ('{"resource":"task","resource_before":"{}"}');
+ ('{"resource":"task","resource_before":"{}"}'),
+ ('{"resource":"task","x":1e999999}'),
+ ('{"resource":"task","resource_id":1e999999}');
 
 SELECT h.n, r.plugin, r.succeeded, r.sqlstate, r.error, r.dead_letter_id IS NOT NULL AS kept
   FROM hostile h, LATERAL storyboard_worker.process_event(h.body, 'task') r

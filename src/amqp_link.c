@@ -53,6 +53,8 @@
 #define SBW_CHANNEL			1
 /* Largest frame we accept; RabbitMQ's default frame_max is the same. */
 #define SBW_FRAME_MAX		131072
+/* Longest wait for the broker's answer to a passive queue.declare. */
+#define SBW_QUEUE_DEPTH_RPC_MS	1000
 
 /* The routing keys StoryBoard publishes with (storyboard-events.md §4.3). */
 static const char *const sbw_binding_keys[] = {
@@ -1017,8 +1019,9 @@ sbw_amqp_next(SbwAmqpLink *link, SbwDelivery *d, size_t max_body, char **errmsg)
  * A passive queue.declare on our channel; see amqp_link.h.  amqp_simple_rpc
  * queues every frame that is not its reply (deliveries, their content,
  * heartbeats) for amqp_simple_wait_frame_noblock to return first, so no
- * delivery is lost; it waits at most the RPC timeout, then closes the
- * socket.
+ * delivery is lost.  It waits at most SBW_QUEUE_DEPTH_RPC_MS, during which
+ * SIGTERM waits too, then closes the socket: a broker that slow to answer
+ * is treated as lost, and the consumer reconnects.
  */
 bool
 sbw_amqp_queue_depth(SbwAmqpLink *link, int64 *messages, int32 *consumers,
@@ -1026,12 +1029,16 @@ sbw_amqp_queue_depth(SbwAmqpLink *link, int64 *messages, int32 *consumers,
 {
 	amqp_queue_declare_ok_t *ok;
 	char	   *what;
+	struct timeval tv;
 
 	*errmsg = NULL;
 	if (link == NULL || link->conn == NULL || link->broken || !link->channel_open)
 		return sbw_fail(errmsg, "queue depth not measured: %s",
 						link && link->broken ? link->broken : "not connected");
 	what = psprintf("passive queue.declare on %s", link->peer);
+	/* librabbitmq's wait serves no signal: keep a silent broker's hold short */
+	tv = sbw_ms_to_tv(SBW_QUEUE_DEPTH_RPC_MS);
+	(void) amqp_set_rpc_timeout(link->conn, &tv);
 	ok = amqp_queue_declare(link->conn, SBW_CHANNEL,
 							amqp_cstring_bytes(link->queue), 1, 0, 0, 0,
 							amqp_empty_table);

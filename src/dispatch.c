@@ -31,10 +31,12 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
+#include "commands/extension.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "nodes/parsenodes.h"
@@ -529,6 +531,10 @@ sbw_run_plugin(SbwDispatch *d, const SbwMessage *msg, const SbwEvent *ev,
 
 	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED && !SBW_IS_BGWORKER())
 		ReThrowError(edata);
+	/* SQL objects updated under this library (extension.c): requeue, wait */
+	if (edata->sqlerrcode == ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE && SBW_IS_BGWORKER() &&
+		sbw_extension_not_ready(get_extension_oid(SBW_EXTENSION_NAME, true)) != NULL)
+		ReThrowError(edata);
 
 	if (d->keep_failures)
 		id = sbw_dead_letter(msg, p->name, edata->message,
@@ -559,16 +565,19 @@ sbw_jsonb_in_body(void *arg)
 /*
  * The decoder leaves numeric's range to jsonb_in.  When a body has a number
  * with a fraction or an exponent (has_decimal_number), try its snapshots
- * here, each in a subtransaction, so that one jsonb_in refuses is a dead
- * letter naming the key, as any other body that cannot be decoded.  Other
- * bodies skip this: their snapshots cannot fail jsonb_in, which
- * sbw_build_event then runs without a subtransaction.
+ * here, each in a subtransaction, then the whole body (a number under any
+ * other key), so that one jsonb_in refuses is a dead letter naming where,
+ * as any other body that cannot be decoded.  Other bodies skip this: their
+ * snapshots cannot fail jsonb_in, which sbw_build_event then runs without
+ * a subtransaction.
  */
 static bool
 sbw_check_snapshots(SbwDispatch *d, const SbwMessage *msg, const SbwEvent *ev)
 {
-	const char *keys[] = {"resource_before", "resource_after"};
-	char	   *texts[] = {ev->resource_before, ev->resource_after};
+	const char *keys[] = {"key \"resource_before\"", "key \"resource_after\"",
+	"the message body"};
+	char	   *texts[] = {ev->resource_before, ev->resource_after,
+	pnstrdup(msg->body, msg->body_len)};
 	ErrorData  *edata;
 	int			i;
 
@@ -580,12 +589,61 @@ sbw_check_snapshots(SbwDispatch *d, const SbwMessage *msg, const SbwEvent *ev)
 			ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
 			ReThrowError(edata);
 		sbw_keep_message(d, msg, "could not decode a message",
-						 psprintf("key \"%s\" cannot be stored as jsonb: %s",
+						 psprintf("%s cannot be stored as jsonb: %s",
 								  keys[i], edata->message),
 						 unpack_sql_state(edata->sqlerrcode));
 		return false;
 	}
 	return true;
+}
+
+/* sbw_decode_event for sbw_subxact_run. */
+typedef struct SbwDecodeCall
+{
+	const SbwMessage *msg;
+	SbwEvent   *ev;
+	char	   *errmsg;
+	int			sqlerrcode;
+	bool		ok;
+} SbwDecodeCall;
+
+static void
+sbw_decode_call(void *arg)
+{
+	SbwDecodeCall *c = (SbwDecodeCall *) arg;
+
+	c->ok = sbw_decode_event(c->msg->body, c->msg->body_len,
+							 (size_t) sbw_max_message_bytes, c->ev,
+							 &c->errmsg, &c->sqlerrcode);
+}
+
+/*
+ * Decode.  In a database that is not UTF-8, PostgreSQL's JSON parser turns
+ * \u escapes into the server encoding and raises for a character it cannot
+ * hold: that error is the body's, so there the decoder runs in a
+ * subtransaction and the error becomes the decoder's answer.
+ */
+static bool
+sbw_decode_body(const SbwMessage *msg, SbwEvent *ev, char **errmsg, int *sqlerrcode)
+{
+	SbwDecodeCall c = {msg, ev, NULL, 0, false};
+	ErrorData  *edata;
+
+	if (GetDatabaseEncoding() == PG_UTF8)
+		sbw_decode_call(&c);
+	else if (!sbw_subxact_run(sbw_decode_call, &c, &edata))
+	{
+		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES ||
+			ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
+			ReThrowError(edata);
+		memset(ev, 0, sizeof(SbwEvent));
+		c.errmsg = psprintf("message body cannot be decoded in this database's encoding: %s",
+							edata->message);
+		c.sqlerrcode = edata->sqlerrcode;
+	}
+	*errmsg = c.errmsg;
+	*sqlerrcode = c.sqlerrcode;
+	return c.ok;
 }
 
 /*
@@ -608,8 +666,7 @@ sbw_decode_message(SbwDispatch *d, const SbwMessage *msg, SbwEvent *ev)
 						 unpack_sql_state(ERRCODE_PROGRAM_LIMIT_EXCEEDED));
 		return false;
 	}
-	if (!sbw_decode_event(msg->body, msg->body_len, (size_t) sbw_max_message_bytes,
-						  ev, &errmsg_text, &sqlerrcode))
+	if (!sbw_decode_body(msg, ev, &errmsg_text, &sqlerrcode))
 	{
 		sbw_keep_message(d, msg, "could not decode a message", errmsg_text,
 						 unpack_sql_state(sqlerrcode));

@@ -19,15 +19,15 @@
  *    as in Python's json.loads for StoryBoard, and in jsonb); then the 12
  *    keys' rules.  numeric's range is jsonb_in's: see has_decimal_number.
  *
- * The decoder never calls ereport/elog: it uses palloc & co., a memory
- * context and pure functions, so the fuzz harness (fuzz/) and the unit
- * test (test/unit/) link it with malloc-based stubs (fuzz/pg_stubs.c).
+ * It never calls ereport/elog itself (but see dispatch.c's sbw_decode_body),
+ * so the fuzz harness and the unit test link it with fuzz/pg_stubs.c.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include <json-c/json.h>
+#include <math.h>
 
 #include "common/jsonapi.h"
 #include "mb/pg_wchar.h"
@@ -377,10 +377,8 @@ check_json(const char *body, size_t len, size_t deep, bool u_escape,
 		err2 = pg_parse_json(lex2, &sem);
 	}
 	MemoryContextSwitchTo(caller);
-	if (deep < len && err == JSON_EXPECTED_MORE)
-		err = JSON_SUCCESS;		/* cut short at the nesting limit */
-	if (deep < len && err2 == JSON_EXPECTED_MORE)
-		err2 = JSON_SUCCESS;
+	if (deep < len && (err == JSON_EXPECTED_MORE || err2 == JSON_EXPECTED_MORE))
+		err = err2 = JSON_SUCCESS;	/* cut short at the nesting limit */
 
 	*sqlstate = 0;
 	if (err2 != JSON_SUCCESS)
@@ -494,6 +492,8 @@ take_integer(const SbwKeyDef *def, json_object *v, json_type type,
 			val = too_big ? 0 : val * 10 + (s[i] - '0');
 		}
 	}
+	else if (type == json_type_double && isinf(json_object_get_double(v)))
+		too_big = true;			/* beyond double's range, let alone int64's */
 	else if (type != json_type_null)
 		return type_error(def, v, msg, sqlstate);
 	if (too_big || val < (is32 ? PG_INT32_MIN : PG_INT64_MIN) ||

@@ -53,7 +53,9 @@ typedef struct SbwEvent
  * ERRCODE_UNTRANSLATABLE_CHARACTER for \u0000,
  * ERRCODE_PROGRAM_LIMIT_EXCEEDED for size or depth limits,
  * ERRCODE_DATATYPE_MISMATCH for a wrong JSON type.
- * Never throws for bad input; json-c memory is always freed.
+ * Never throws for bad input in a UTF-8 database; in another, PostgreSQL's
+ * parser may raise converting a \u escape (dispatch.c catches that).
+ * json-c memory is always freed.
  */
 extern bool sbw_decode_event(const char *body, size_t len, size_t max_bytes,
 							 SbwEvent *ev, char **errmsg, int *sqlstate);

@@ -443,11 +443,17 @@ sbw_worker_stats(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	int			i;
+	int64		qmessages;
+	int32		qconsumers;
+	TimestampTz qchecked;
+	bool		qknown;
 
 	sbw_require_current_version();
 	InitMaterializedSRF(fcinfo, 0);
 	if (sbw_shared == NULL)
 		PG_RETURN_VOID();
+	/* read once: every row shows the same measurement */
+	qknown = sbw_queue_depth_read(&qmessages, &qconsumers, &qchecked);
 
 	for (i = 0; i < SBW_MAX_WORKERS; i++)
 	{
@@ -457,9 +463,6 @@ sbw_worker_stats(PG_FUNCTION_ARGS)
 		bool		nulls[19];
 		double		p50,
 					p99;
-		int64		qmessages;
-		int32		qconsumers;
-		TimestampTz qchecked;
 
 		SpinLockAcquire(&slot->mutex);
 		memcpy(&copy, slot, sizeof(copy));
@@ -499,8 +502,7 @@ sbw_worker_stats(PG_FUNCTION_ARGS)
 		nulls[14] = p50 < 0;
 		values[15] = Float8GetDatum(p99);
 		nulls[15] = p99 < 0;
-		nulls[16] = nulls[17] = nulls[18] =
-			!sbw_queue_depth_read(&qmessages, &qconsumers, &qchecked);
+		nulls[16] = nulls[17] = nulls[18] = !qknown;
 		values[16] = Int64GetDatum(qmessages);
 		values[17] = Int32GetDatum(qconsumers);
 		values[18] = TimestampTzGetDatum(qchecked);

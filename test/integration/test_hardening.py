@@ -178,3 +178,34 @@ def test_fast_shutdown_with_a_silent_broker(cluster, services, metrics):
     cluster.wait_consuming(timeout=60)
     metrics.add("shutdown, silent broker", "fast shutdown took %.2fs" % took)
     assert took < 3, "fast shutdown with a silent broker took %.1fs" % took
+
+
+def test_unicode_escape_the_database_encoding_cannot_hold(cluster, metrics):
+    """In a LATIN1 database PostgreSQL's JSON parser raises converting a \\u
+    escape with no LATIN1 equivalent (StoryBoard escapes every non-ASCII
+    character): the body is a dead letter with that error, not an error of
+    process_event (which a consumer would requeue until max_redeliveries);
+    an escape LATIN1 holds decodes."""
+    db = "sbw_t_latin1"
+    cluster.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % db, db="postgres")
+    cluster.execute("CREATE DATABASE \"%s\" ENCODING 'LATIN1' TEMPLATE template0 "
+                    "LC_COLLATE 'C' LC_CTYPE 'C'" % db, db="postgres")
+    try:
+        cluster.execute("CREATE EXTENSION storyboard_worker", db=db)
+        body = '{"resource":"task","method":"PUT","url":"/t/\\u4e2d"}'
+        rows = cluster.q("SELECT plugin, succeeded, sqlstate, error "
+                         "FROM storyboard_worker.process_event(%s, 'task')", (body,), db=db)
+        assert len(rows) == 1 and rows[0][0] is None and rows[0][1] is False, rows
+        assert rows[0][2] == "22P05", rows
+        assert "cannot be decoded in this database's encoding" in rows[0][3], rows
+        kept = cluster.q("SELECT sqlstate, convert_from(body, 'UTF8') FROM storyboard_worker.dead_letters",
+                         db=db)
+        assert kept == [("22P05", body)], kept
+        ok = '{"resource":"task","method":"PUT","url":"/t/\\u00e9"}'
+        rows = cluster.q("SELECT plugin, succeeded FROM storyboard_worker.process_event(%s, 'task')",
+                         (ok,), db=db)
+        assert all(r[1] is not False for r in rows), rows
+        assert cluster.one("SELECT count(*) FROM storyboard_worker.dead_letters", db=db) == 1
+        metrics.add("LATIN1 database", "a \\u escape LATIN1 cannot hold: dead letter 22P05; one it holds: decoded")
+    finally:
+        cluster.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % db, db="postgres")

@@ -607,6 +607,11 @@ test_errors(void)
 				 "JSON nesting deeper than 64 levels at byte offset 86");
 	pfree(deep);
 
+	/* a number beyond double's range in an id is out of range, as in 1.4 */
+	expect_error("id beyond double's range", "{\"resource\":\"task\",\"resource_id\":1e999999}",
+				 ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+				 "key \"resource_id\" is out of range for a 64-bit integer: 1e999999");
+
 	/* the first problem wins: a syntax error before the nesting bound ... */
 	expect_error("syntax error before too deep a nesting",
 				 "{\"url\":nul,\"x\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]}",
