@@ -461,6 +461,19 @@ sbw_build_event_body(void *arg)
 }
 
 /*
+ * Throw on an error that is the server's, not the message's (out of memory
+ * or disk, a shutdown, a cancel), caught around work done for a message:
+ * the message is then retried, not dead-lettered.
+ */
+static void
+sbw_rethrow_if_not_the_messages(ErrorData *edata)
+{
+	if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES ||
+		ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
+		ReThrowError(edata);
+}
+
+/*
  * Build the event.  With the author lookup (role valid), in a
  * subtransaction, so that its SQL failing, or a value PostgreSQL refuses
  * (which the decoder should have caught), dead-letters this message instead
@@ -488,10 +501,9 @@ sbw_build_event_guarded(SbwDispatch *d, const SbwMessage *msg,
 		return true;
 	}
 	/* privileges and missing objects are configuration, not the message */
-	if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_SYNTAX_ERROR_OR_ACCESS_RULE_VIOLATION ||
-		ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES ||
-		ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
+	if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_SYNTAX_ERROR_OR_ACCESS_RULE_VIOLATION)
 		ReThrowError(edata);
+	sbw_rethrow_if_not_the_messages(edata);
 	sbw_keep_message(d, msg, "could not decode a message", edata->message,
 					 unpack_sql_state(edata->sqlerrcode));
 	return false;
@@ -564,37 +576,39 @@ sbw_jsonb_in_body(void *arg)
 
 /*
  * The decoder leaves numeric's range to jsonb_in.  When a body has a number
- * with a fraction or an exponent (has_decimal_number), try its snapshots
- * here, each in a subtransaction, then the whole body (a number under any
- * other key), so that one jsonb_in refuses is a dead letter naming where,
- * as any other body that cannot be decoded.  Other bodies skip this: their
+ * with a fraction or an exponent (has_decimal_number), try the whole body
+ * here in a subtransaction, so that one jsonb_in refuses is a dead letter,
+ * as any other body that cannot be decoded; only then the snapshots, to
+ * name the key when it is one of them.  Other bodies skip this: their
  * snapshots cannot fail jsonb_in, which sbw_build_event then runs without
  * a subtransaction.
  */
 static bool
 sbw_check_snapshots(SbwDispatch *d, const SbwMessage *msg, const SbwEvent *ev)
 {
-	const char *keys[] = {"key \"resource_before\"", "key \"resource_after\"",
-	"the message body"};
-	char	   *texts[] = {ev->resource_before, ev->resource_after,
-	pnstrdup(msg->body, msg->body_len)};
+	const char *keys[] = {"key \"resource_before\"", "key \"resource_after\""};
+	char	   *texts[] = {ev->resource_before, ev->resource_after};
+	const char *where = "the message body";
 	ErrorData  *edata;
+	ErrorData  *snapshot_edata;
 	int			i;
 
+	if (sbw_subxact_run(sbw_jsonb_in_body, pnstrdup(msg->body, msg->body_len), &edata))
+		return true;
+	sbw_rethrow_if_not_the_messages(edata);
 	for (i = 0; i < lengthof(texts); i++)
 	{
-		if (texts[i] == NULL || sbw_subxact_run(sbw_jsonb_in_body, texts[i], &edata))
+		if (texts[i] == NULL || sbw_subxact_run(sbw_jsonb_in_body, texts[i], &snapshot_edata))
 			continue;
-		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES ||
-			ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
-			ReThrowError(edata);
-		sbw_keep_message(d, msg, "could not decode a message",
-						 psprintf("%s cannot be stored as jsonb: %s",
-								  keys[i], edata->message),
-						 unpack_sql_state(edata->sqlerrcode));
-		return false;
+		sbw_rethrow_if_not_the_messages(snapshot_edata);
+		edata = snapshot_edata;
+		where = keys[i];
+		break;
 	}
-	return true;
+	sbw_keep_message(d, msg, "could not decode a message",
+					 psprintf("%s cannot be stored as jsonb: %s", where, edata->message),
+					 unpack_sql_state(edata->sqlerrcode));
+	return false;
 }
 
 /* sbw_decode_event for sbw_subxact_run. */
@@ -633,9 +647,7 @@ sbw_decode_body(const SbwMessage *msg, SbwEvent *ev, char **errmsg, int *sqlerrc
 		sbw_decode_call(&c);
 	else if (!sbw_subxact_run(sbw_decode_call, &c, &edata))
 	{
-		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES ||
-			ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
-			ReThrowError(edata);
+		sbw_rethrow_if_not_the_messages(edata);
 		memset(ev, 0, sizeof(SbwEvent));
 		c.errmsg = psprintf("message body cannot be decoded in this database's encoding: %s",
 							edata->message);
